@@ -37,6 +37,36 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from gtsrb.train import train
+
+    metrics = train(args.prepared, args.model, args.live, P.load("train", args.params))
+    log.info("val accuracy %.4f after %.0fs -> %s", metrics["val/acc"], metrics["seconds"], args.model)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from gtsrb.evaluate import evaluate
+
+    metrics_path = args.metrics or f"metrics/test-{args.backend}.json"
+    out_dir = args.out or f"metrics/test-{args.backend}"
+    evaluate(args.model, args.test, metrics_path, out_dir, args.backend, P.load("evaluate", args.params))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from gtsrb.compare import compare
+
+    result = compare(args.metrics_dir, args.report, P.load("compare", args.params))
+    for key, r in result["latency"].items():
+        log.info(
+            "%s: ACL speed-up %.2fx %s, latency %+.1f%%",
+            key,
+            r["speedup"],
+            r["speedup_ci95"],
+            r["latency_change_pct"],
+        )
+    log.info("report: %s", args.report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gtsrb", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", default="data/raw", help="archive folder (default: %(default)s)")
     p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
     p.add_argument("--metrics", default="metrics/data.json", help="(default: %(default)s)")
+
+    p = add("train", cmd_train, "stage train: prepared arrays -> models/model.pt (+ dvclive curves)")
+    p.add_argument("--prepared", default="data/prepared", help="(default: %(default)s)")
+    p.add_argument("--model", default="models/model.pt", help="(default: %(default)s)")
+    p.add_argument("--live", default="metrics/train", help="dvclive folder (default: %(default)s)")
+
+    from gtsrb.backends import BACKENDS
+
+    p = add("evaluate", cmd_evaluate, "stages test-openblas / test-acl: accuracy and latency on one backend")
+    p.add_argument("--backend", required=True, choices=BACKENDS)
+    p.add_argument("--model", default="models/model.pt", help="(default: %(default)s)")
+    p.add_argument("--test", default="data/prepared/test.npz", help="(default: %(default)s)")
+    p.add_argument("--metrics", help="metrics JSON (default: metrics/test-BACKEND.json)")
+    p.add_argument("--out", help="predictions, timings, profile (default: metrics/test-BACKEND/)")
+
+    p = add("compare", cmd_compare, "stage compare: speed-up and agreement of the two backends")
+    p.add_argument("--metrics-dir", default="metrics", help="(default: %(default)s)")
+    p.add_argument("--report", default="reports/compare.md", help="(default: %(default)s)")
     return parser
 
 

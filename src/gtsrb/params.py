@@ -68,9 +68,43 @@ class PrepareParams:
     workers: int = _range(0)
 
 
+@dataclass(frozen=True)
+class TrainParams:
+    arch: Literal["micronnet", "traffic_sign_net"]
+    epochs: int = _range(1)
+    batch_size: int = _range(1)
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: float = _range(0, lo_open=True)
+    schedule: Literal["onecycle", "cosine", "constant"]
+    weight_decay: float = _range(0)
+    dropout: float = _range(0, 0.9)
+    augment: float = _range(0, 1)
+    seed: int = _range(0)
+    threads: int = _range(0)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    inference: Literal["eager", "jit", "compile"]
+    batch_sizes: tuple[int, ...] = _range(1, 4096)
+    min_run_time: float = _range(0, lo_open=True)
+    warmup: int = _range(0)
+    threads: int = _range(0)
+
+
+@dataclass(frozen=True)
+class CompareParams:
+    tolerance: float = _range(0, 1)
+    bootstrap: int = _range(100)
+    seed: int = _range(0)
+
+
 SECTIONS: dict[str, type] = {
     "fetch": FetchParams,
     "prepare": PrepareParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "compare": CompareParams,
 }
 
 

@@ -27,7 +27,7 @@ def served_repo(dvc_repo, archive_server, params):
 
 
 def test_repro_downloads_prepares_and_is_then_a_no_op(served_repo, archive_server):
-    out = run(["dvc", "repro"], served_repo).stdout
+    out = run(["dvc", "repro", "prepare"], served_repo).stdout
     assert "Running stage 'fetch-gtsrb'" in out and "Running stage 'prepare'" in out
     assert sorted(p.name for p in (served_repo / "data/raw").iterdir()) == sorted(archive_server.requests)
     for split in ("train", "val", "test"):
@@ -40,32 +40,32 @@ def test_repro_downloads_prepares_and_is_then_a_no_op(served_repo, archive_serve
     status = run(["git", "status", "--porcelain", "-uall"], served_repo).stdout
     assert "metrics/data.json" in status and "data/raw" not in status and "data/prepared" not in status
     requests = len(archive_server.requests)
-    again = run(["dvc", "repro"], served_repo).stdout
+    again = run(["dvc", "repro", "prepare"], served_repo).stdout
     assert "Running stage" not in again and "didn't change, skipping" in again
     assert len(archive_server.requests) == requests
 
 
 def test_failed_repro_keeps_cache_and_lock(served_repo, params):
-    run(["dvc", "repro"], served_repo)
+    run(["dvc", "repro", "prepare"], served_repo)
     run(["git", "add", "-A"], served_repo)
     run(["git", "commit", "-qm", "run"], served_repo)  # the convention: lock and metrics in git
     cache, lock = cache_digest(served_repo), (served_repo / "dvc.lock").read_bytes()
     params["prepare"]["image_size"] = "big"
     write_params(served_repo / "params.yaml", params)
-    proc = run(["dvc", "repro"], served_repo, check=False)
+    proc = run(["dvc", "repro", "prepare"], served_repo, check=False)
     assert proc.returncode != 0
     assert "prepare.image_size: expected an integer, got 'big'" in proc.stderr + proc.stdout
     assert cache_digest(served_repo) == cache and (served_repo / "dvc.lock").read_bytes() == lock
     # DVC removed the stage's outputs before running it; git and the cache restore them intact.
     run(["git", "checkout", "--", "params.yaml", "metrics"], served_repo)
-    run(["dvc", "checkout"], served_repo)
-    assert "up to date" in run(["dvc", "status"], served_repo).stdout
+    run(["dvc", "checkout", "prepare"], served_repo)
+    assert "up to date" in run(["dvc", "status", "prepare"], served_repo).stdout
 
 
 def test_offline_synthetic_experiment(dvc_repo):
     """The documented offline path: no network, synthetic GTSRB-format archives."""
     sets = [f"fetch.synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
-    cmd = ["dvc", "exp", "run", "-S", "fetch.source=synthetic"]
+    cmd = ["dvc", "exp", "run", "prepare", "-S", "fetch.source=synthetic"]
     for s in sets:
         cmd += ["-S", s]
     run(cmd, dvc_repo)

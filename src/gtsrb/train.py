@@ -1,0 +1,188 @@
+"""Stage train: data/prepared/ -> models/model.pt, with curves and metrics logged by dvclive.
+
+The whole training split stays in memory as uint8; each batch is converted, augmented
+(random affine, brightness and contrast as batch tensor ops) and standardised on the fly.
+Training is deterministic for a given ``train.seed`` and ``train.threads``. The checkpoint
+and the dvclive folder are written atomically at the end: an interrupted run (Ctrl-C,
+kill) leaves the previous model and metrics as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from gtsrb import models
+from gtsrb.errors import ParamsError
+from gtsrb.fsutil import atomic_dir, atomic_file
+from gtsrb.params import TrainParams, as_dict
+from gtsrb.prepare import load_split
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 512
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` intra-op threads (0: torch's default, one per core); return the count."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Random affine (rotation up to 15 deg, scale and shift up to 10%) plus brightness and
+    contrast up to 30%, all scaled by ``strength``, for a float NCHW batch in [0, 1]."""
+    if strength <= 0:
+        return x
+    n = x.shape[0]
+
+    def uniform(scale: float) -> torch.Tensor:
+        return (torch.rand(n, generator=gen) * 2 - 1) * scale * strength
+
+    angle, scale = uniform(math.radians(15)), 1 + uniform(0.1)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, uniform(0.1)], 1), torch.stack([sin, cos, uniform(0.1)], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast, brightness = 1 + uniform(0.3).view(n, 1, 1, 1), 1 + uniform(0.3).view(n, 1, 1, 1)
+    return ((x - mean) * contrast + mean).mul_(brightness).clamp_(0, 1)
+
+
+def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    decay = [t for n, t in model.named_parameters() if t.ndim > 1]
+    no_decay = [t for n, t in model.named_parameters() if t.ndim <= 1]  # biases, norms
+    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=p.lr, momentum=0.9, nesterov=True)
+    return (torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam)(groups, lr=p.lr)
+
+
+def _scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps: int):
+    if p.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps, pct_start=0.25)
+    if p.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@torch.inference_mode()
+def evaluate_split(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on uint8 NHWC ``images``."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(labels), EVAL_BATCH):
+        logits = model(models.standardize(models.to_unit(images[i : i + EVAL_BATCH]), mean, std))
+        target = labels[i : i + EVAL_BATCH]
+        loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    return loss / max(1, len(labels)), correct / max(1, len(labels))
+
+
+def check(p: TrainParams) -> None:
+    if p.batch_size < 2 and p.arch == "micronnet":
+        raise ParamsError("train.batch_size: micronnet has batch norm, which needs batches of 2 or more")
+
+
+def train(prepared: str | Path, model_path: str | Path, live_dir: str | Path, p: TrainParams) -> dict:
+    """Train ``p.arch`` on prepared/train.npz (validating on val.npz); return the final metrics."""
+    from dvclive import Live
+
+    check(p)
+    prepared = Path(prepared)
+    train_split, val_split = load_split(prepared / "train.npz"), load_split(prepared / "val.npz")
+    threads = set_threads(p.threads)
+    torch.manual_seed(p.seed)
+    torch.use_deterministic_algorithms(True)
+    gen = torch.Generator().manual_seed(p.seed)
+
+    x = torch.from_numpy(train_split["images"])
+    y = torch.from_numpy(train_split["labels"])
+    xv, yv = torch.from_numpy(val_split["images"]), torch.from_numpy(val_split["labels"])
+    image_size = x.shape[1]
+    unit = x.float().div_(255)
+    mean, std = unit.mean(dim=(0, 1, 2)), unit.std(dim=(0, 1, 2)).clamp_min(1e-3)
+    del unit
+
+    model = models.build(p.arch, image_size, p.dropout)
+    batches = math.ceil(len(y) / p.batch_size)
+    if p.batch_size > 1 and len(y) % p.batch_size == 1:
+        batches -= 1  # drop a tail batch of one image: batch norm cannot train on it
+    opt = _optimizer(model, p)
+    sched = _scheduler(opt, p, max(1, batches * p.epochs))
+    log.info(
+        "training %s (%d params) on %d images, %d threads",
+        p.arch,
+        sum(t.numel() for t in model.parameters()),
+        len(y),
+        threads,
+    )
+    metrics: dict = {}
+    started = time.perf_counter()
+    with atomic_dir(live_dir) as tmp_live:
+        with Live(str(tmp_live), save_dvc_exp=False, dvcyaml=False, report=None) as live:
+            for epoch in range(1, p.epochs + 1):
+                model.train()
+                perm = torch.randperm(len(y), generator=gen)
+                epoch_start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+                bar = tqdm(range(batches), desc=f"epoch {epoch}/{p.epochs}", unit="batch", disable=None)
+                for b in bar:
+                    idx = perm[b * p.batch_size : (b + 1) * p.batch_size]
+                    xb = models.standardize(augment(models.to_unit(x[idx]), p.augment, gen), mean, std)
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    seen += len(idx)
+                    loss_sum += loss.item() * len(idx)
+                    correct += (logits.argmax(1) == y[idx]).sum().item()
+                    if b % 20 == 0:
+                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+                images_per_s = seen / (time.perf_counter() - epoch_start)
+                val_loss, val_acc = evaluate_split(model, xv, yv, mean, std)
+                metrics = {
+                    "train/loss": loss_sum / seen,
+                    "train/acc": correct / seen,
+                    "val/loss": val_loss,
+                    "val/acc": val_acc,
+                    "train/images_per_s": images_per_s,
+                }
+                for name, value in metrics.items():
+                    live.log_metric(name, round(value, 6), plot=name != "train/images_per_s")
+                live.next_step()
+                log.info(
+                    "epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f, %.0f images/s",
+                    epoch,
+                    metrics["train/loss"],
+                    metrics["train/acc"],
+                    val_loss,
+                    val_acc,
+                    images_per_s,
+                )
+        seconds = time.perf_counter() - started
+        ckpt = models.make_checkpoint(
+            model,
+            p.arch,
+            image_size,
+            mean.tolist(),
+            std.tolist(),
+            as_dict(p),
+            {"val_accuracy": metrics["val/acc"], "train_seconds": seconds, "threads": threads},
+        )
+        with atomic_file(model_path) as tmp_model:
+            torch.save(ckpt, tmp_model)
+    return {**metrics, "seconds": seconds}

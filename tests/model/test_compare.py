@@ -1,0 +1,80 @@
+"""compare: the speed-up, its interval, the percent change done right, and agreement."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gtsrb.compare import bootstrap_speedup, compare, latency_change_pct
+from gtsrb.errors import GtsrbError
+from gtsrb.params import CompareParams
+
+PARAMS = CompareParams(tolerance=0.01, bootstrap=500, seed=0)
+
+
+def test_latency_change_is_relative_to_the_baseline():
+    # The learning path's case: 54.69% printed for a drop to 54.7% of the time, a 45.3% reduction.
+    assert latency_change_pct(100.0, 54.7) == pytest.approx(-45.3)
+    assert latency_change_pct(50.0, 75.0) == pytest.approx(50.0)
+
+
+def test_bootstrap_interval_brackets_the_true_ratio():
+    rng = np.random.default_rng(0)
+    base, new = (rng.normal(10, 0.5, 200)).tolist(), (rng.normal(5, 0.25, 200)).tolist()
+    lo, hi = bootstrap_speedup(base, new, 1000, 0)
+    assert lo < 2.0 < hi and hi - lo < 0.2
+
+
+def write_run(folder, backend, preds, median_ms, host="runner-1"):
+    labels = list(range(len(preds)))
+    times = (np.random.default_rng(1).normal(median_ms, median_ms * 0.02, 50) / 1e3).tolist()
+    metrics = {
+        "accuracy": float(np.mean(np.array(preds) == np.array(labels))),
+        "latency": {"batch_64": {"median_ms": float(np.median(times) * 1e3)}},
+        "runtime": {"host": host, "cpu": "Neoverse V2", "arch": "aarch64", "cores": 4, "kernels": backend},
+    }
+    (folder / f"test-{backend}.json").write_text(json.dumps(metrics))
+    (folder / f"test-{backend}").mkdir(exist_ok=True)
+    (folder / f"test-{backend}" / "timings.json").write_text(json.dumps({"unit": "s", "batch_64": times}))
+    rows = "".join(f"{a},{p}\n" for a, p in zip(labels, preds, strict=True))
+    (folder / f"test-{backend}" / "predictions.csv").write_text("actual,predicted\n" + rows)
+
+
+def test_report_and_metrics(tmp_path):
+    write_run(tmp_path, "openblas", list(range(200)), 20.0)
+    write_run(tmp_path, "acl", list(range(200)), 10.0)
+    result = compare(tmp_path, tmp_path / "reports" / "compare.md", PARAMS)
+    r = result["latency"]["batch_64"]
+    assert r["speedup"] == pytest.approx(2.0, rel=0.02) and r["latency_change_pct"] == pytest.approx(
+        -50, abs=1
+    )
+    assert r["speedup_ci95"][0] < r["speedup"] < r["speedup_ci95"][1]
+    assert result["same_machine"] and result["prediction_disagreement"] == 0
+    assert json.loads((tmp_path / "compare.json").read_text()) == result
+    md = (tmp_path / "reports" / "compare.md").read_text()
+    assert "| 64 | 20." in md and "-50." in md and "different machines" not in md
+
+
+def test_runs_from_two_machines_are_flagged(tmp_path):
+    write_run(tmp_path, "openblas", list(range(10)), 20.0, host="runner-1")
+    write_run(tmp_path, "acl", list(range(10)), 10.0, host="runner-2")
+    result = compare(tmp_path, tmp_path / "compare.md", PARAMS)
+    assert result["same_machine"] is False
+    assert "the two test stages ran on different machines" in (tmp_path / "compare.md").read_text()
+
+
+def test_disagreement_beyond_tolerance_fails_and_writes_nothing(tmp_path):
+    preds = list(range(100))
+    write_run(tmp_path, "openblas", preds, 20.0)
+    write_run(tmp_path, "acl", [1, 0, *preds[2:]], 10.0)  # 2% of predictions differ
+    with pytest.raises(
+        GtsrbError, match=r"disagree on 2\.00% of the test images \(compare\.tolerance 1\.00%\)"
+    ):
+        compare(tmp_path, tmp_path / "compare.md", PARAMS)
+    assert not (tmp_path / "compare.md").exists() and not (tmp_path / "compare.json").exists()
+
+
+def test_missing_test_stage_output(tmp_path):
+    write_run(tmp_path, "openblas", [1], 20.0)
+    with pytest.raises(GtsrbError, match=r"test-acl\.json: not found; run `dvc repro`"):
+        compare(tmp_path, tmp_path / "compare.md", PARAMS)

@@ -1,0 +1,91 @@
+"""Architectures and the checkpoint format: weights-only loading, clear errors."""
+
+import pickle
+
+import pytest
+import torch
+
+from gtsrb import models
+from gtsrb.errors import GtsrbError
+
+
+def test_traffic_sign_net_is_the_learning_paths_network():
+    net = models.build("traffic_sign_net")
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(32, 3, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 2304), (128,), (43, 128), (43,)]
+    assert sum(p.numel() for p in net.parameters()) == 319_979
+
+
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+@pytest.mark.parametrize("size", [32, 48])
+def test_archs_map_images_to_43_logits(arch, size):
+    net = models.build(arch, size).eval()
+    assert net(torch.zeros(2, 3, size, size)).shape == (2, 43)
+
+
+def test_unknown_arch():
+    with pytest.raises(GtsrbError, match=r"unknown arch 'resnet' \(known: micronnet, traffic_sign_net\)"):
+        models.build("resnet")
+
+
+def save(tmp_path, arch="micronnet", **change):
+    ckpt = models.make_checkpoint(models.build(arch), arch, 32, [0.5] * 3, [0.2] * 3, {"epochs": 1})
+    ckpt.update(change)
+    path = tmp_path / "model.pt"
+    torch.save(ckpt, path)
+    return path, ckpt
+
+
+def test_checkpoint_round_trip_holds_what_serving_needs(tmp_path):
+    path, ckpt = save(tmp_path)
+    model, loaded = models.load_checkpoint(path)
+    assert not model.training
+    for key in ("arch", "image_size", "mean", "std", "class_names", "params", "torch_version"):
+        assert loaded[key] == ckpt[key]
+    assert len(loaded["class_names"]) == 43 and loaded["class_names"][14] == "Stop"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k])
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    path, ckpt = save(tmp_path, arch="traffic_sign_net")
+    ckpt["arch"] = "micronnet"
+    torch.save(ckpt, path)
+    with pytest.raises(GtsrbError, match=r"model\.pt: its weights do not fit arch 'micronnet'"):
+        models.load_checkpoint(path)
+
+
+def test_truncated_checkpoint(tmp_path):
+    path, _ = save(tmp_path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(GtsrbError, match=r"model\.pt: truncated or corrupt checkpoint"):
+        models.load_checkpoint(path)
+
+
+class Payload:
+    """Pickled, this would create a file when loaded: the code execution weights_only prevents."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_tampered_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path, ckpt = save(tmp_path)
+    ckpt["params"] = Payload(marker)
+    torch.save(ckpt, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(GtsrbError, match=r"model\.pt: refused to load: not a plain weights checkpoint"):
+        models.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(GtsrbError, match="not a gtsrb checkpoint"):
+        models.load_checkpoint(path)
+    with pytest.raises(GtsrbError, match="model not found; run `dvc repro train`"):
+        models.load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,117 @@
+"""Training: deterministic per seed, validated params, and an interruption loses nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gtsrb import params as P
+from gtsrb.errors import ParamsError
+from gtsrb.train import augment, train
+from tests.conftest import ROOT, set_key, write_params
+
+
+def write_prepared(folder, n=96, size=32, seed=0):
+    """Random prepared splits whose label is told by the mean colour (learnable, tiny)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n), ("val", n // 4)):
+        labels = rng.integers(0, 43, count)
+        images = rng.integers(0, 60, (count, size, size, 3)).astype(np.uint8)
+        images[..., 0] += (labels * 4).astype(np.uint8)[:, None, None]
+        np.savez(
+            folder / f"{split}.npz",
+            images=images,
+            labels=labels.astype(np.int64),
+            tracks=np.arange(count, dtype=np.int64),
+        )
+
+
+def train_params(**change) -> P.TrainParams:
+    base = P.load("train", ROOT / "params.yaml")
+    return P.TrainParams(**{**P.as_dict(base), "epochs": 2, "batch_size": 16, "threads": 2, **change})
+
+
+def test_same_seed_same_weights(tmp_path):
+    write_prepared(tmp_path / "prepared")
+    weights = []
+    for run in ("a", "b"):
+        train(tmp_path / "prepared", tmp_path / run / "model.pt", tmp_path / run / "live", train_params())
+        weights.append(torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    train(tmp_path / "prepared", tmp_path / "c" / "model.pt", tmp_path / "c" / "live", train_params(seed=1))
+    other = torch.load(tmp_path / "c" / "model.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(weights[0][k], other[k]) for k in other)
+
+
+def test_curves_and_summary_are_logged(tmp_path):
+    write_prepared(tmp_path / "prepared")
+    train(tmp_path / "prepared", tmp_path / "model.pt", tmp_path / "live", train_params(epochs=3))
+    for name in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        rows = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+        assert rows[0].split("\t") == ["step", name.split("/")[1]] and len(rows) == 4
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["params"]["epochs"] == 3 and ckpt["arch"] == "micronnet" and len(ckpt["mean"]) == 3
+
+
+def test_augment_keeps_shape_range_and_is_seeded():
+    x = torch.rand(8, 3, 32, 32)
+    a = augment(x, 1.0, torch.Generator().manual_seed(0))
+    b = augment(x, 1.0, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, x) and torch.equal(augment(x, 0.0, torch.Generator()), x)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.batch_size", 0, "train.batch_size: must be >= 1, got 0"),
+        ("train.lr", -0.1, "train.lr: must be > 0, got -0.1"),
+        ("train.arch", "resnet", "train.arch: must be one of micronnet, traffic_sign_net; got 'resnet'"),
+    ],
+)
+def test_out_of_range_params(tmp_path, params, key, value, message):
+    path = write_params(tmp_path / "params.yaml", set_key(params, key, value))
+    with pytest.raises(ParamsError, match=message):
+        P.load("train", path)
+
+
+def test_batch_norm_needs_two_images_per_batch(tmp_path):
+    write_prepared(tmp_path / "prepared")
+    with pytest.raises(ParamsError, match=r"train\.batch_size: micronnet has batch norm"):
+        train(tmp_path / "prepared", tmp_path / "m.pt", tmp_path / "live", train_params(batch_size=1))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_training_keeps_the_previous_model(tmp_path, params, sig):
+    write_prepared(tmp_path / "data" / "prepared", n=4000)
+    (tmp_path / "models").mkdir()
+    previous = b"the previous model"
+    (tmp_path / "models" / "model.pt").write_bytes(previous)
+    set_key(params, "train.epochs", 50)
+    write_params(tmp_path / "params.yaml", params)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gtsrb.cli", "train"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in proc.stderr:  # wait until training is under way
+        if "training micronnet" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    if sig == signal.SIGINT:
+        assert "interrupted; previous outputs left as they were" in rest
+        assert not [p for p in (tmp_path / "models").iterdir() if p.name != "model.pt"]
+    assert (tmp_path / "models" / "model.pt").read_bytes() == previous
+    assert not (tmp_path / "metrics" / "train").exists()
