@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -146,6 +147,159 @@ def dvc_repo(tmp_path: Path, dvc_env: dict, params: dict) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "pipeline"], repo)
     return repo
+
+
+class S3Server:
+    """A real S3-compatible server: moto in server mode on 127.0.0.1, stopped by its PID."""
+
+    def __init__(self, log: Path, bucket: str = "gtsrb-test"):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> S3Server:
+        import time
+        import urllib.request
+
+        moto = shutil.which("moto_server", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        assert moto, "moto_server not installed (pip install 'moto[server]')"
+        self.proc = subprocess.Popen(
+            [moto, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start: {self.log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def create_bucket(self, name: str | None = None) -> None:
+        self.client().create_bucket(Bucket=name or self.bucket)
+
+    def objects(self, bucket: str | None = None) -> dict[str, bytes]:
+        c = self.client()
+        keys = [
+            o["Key"]
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket or self.bucket)
+            for o in page.get("Contents", [])
+        ]
+        return {k: c.get_object(Bucket=bucket or self.bucket, Key=k)["Body"].read() for k in keys}
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """A moto S3 server with an empty bucket; any credentials are accepted."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = S3Server(tmp_path / "moto.log").start()
+    server.create_bucket()
+    yield server
+    server.stop()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 in front of a server: ``stop()`` drops every connection and
+    refuses new ones, as if the server went away; ``start()`` brings it back with its state."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target = ("127.0.0.1", target_port)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.listener: socket.socket | None = None
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def start(self) -> TcpProxy:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def stop(self) -> None:
+        import socket
+
+        if self.listener:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+            self.listener = None
+        with self.lock:
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+            self.conns.clear()
+
+
+def use_remote(repo: Path, s3: S3Server | TcpProxy, bucket: str = "gtsrb-test", **options: str) -> None:
+    """Point the repo's default remote at the test server (committed, as a project would)."""
+    run(["dvc", "remote", "add", "-f", "-d", "storage", f"s3://{bucket}/dvc"], repo)
+    for key, value in {"endpointurl": s3.endpoint, **options}.items():
+        run(["dvc", "remote", "modify", "storage", key, value], repo)
 
 
 def tree_digest(folder: Path) -> dict[str, bytes]:

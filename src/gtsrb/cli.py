@@ -7,6 +7,7 @@ Stage code lives in the module of the same name: ``gtsrb fetch`` -> gtsrb/fetch.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -67,6 +68,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
     log.info("report: %s", args.report)
 
 
+def cmd_card(args: argparse.Namespace) -> None:
+    from gtsrb import registry
+
+    info = registry.card(args.model, verify=not args.no_verify)
+    print(
+        json.dumps(info, indent=2) if args.json else registry.render(info), end="" if not args.json else "\n"
+    )
+
+
+def cmd_get_model(args: argparse.Namespace) -> None:
+    from gtsrb import registry
+
+    version = registry.get_model(args.repo, args.out, args.version, args.stage)
+    log.info("%s %s -> %s", registry.ARTIFACT, version, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gtsrb", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -103,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare", cmd_compare, "stage compare: speed-up and agreement of the two backends")
     p.add_argument("--metrics-dir", default="metrics", help="(default: %(default)s)")
     p.add_argument("--report", default="reports/compare.md", help="(default: %(default)s)")
+
+    p = add("card", cmd_card, "print the model card of a checkpoint (and check it against dvc.lock)")
+    p.add_argument("model", nargs="?", default="models/model.pt", help="(default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-verify", action="store_true", help="do not fail when the md5 differs from dvc.lock")
+
+    p = add("get-model", cmd_get_model, "download a released model version (or the one in a stage)")
+    p.add_argument("repo", help="git URL or path of the project")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="e.g. v1.0.0 (default: the latest)")
+    which.add_argument("--stage", help="e.g. prod")
+    p.add_argument("-o", "--out", default="model.pt", help="(default: %(default)s)")
     return parser
 
 

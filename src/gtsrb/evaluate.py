@@ -23,7 +23,7 @@ from torch.utils import benchmark
 from gtsrb import backends, inference, models
 from gtsrb.classes import NUM_CLASSES
 from gtsrb.errors import GtsrbError
-from gtsrb.fsutil import atomic_dir, write_json
+from gtsrb.fsutil import atomic_dir, md5sum, write_json
 from gtsrb.params import EvaluateParams
 from gtsrb.prepare import load_split
 from gtsrb.train import set_threads
@@ -154,6 +154,7 @@ def evaluate(
     metrics.update(
         {
             "images": len(labels),
+            "model_md5": md5sum(model_path),
             "load_s": round(loaded - started, 4),
             "first_inference_s": round(first - loaded, 4),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from gtsrb import models
 from gtsrb.errors import ParamsError
-from gtsrb.fsutil import atomic_dir, atomic_file
+from gtsrb.fsutil import atomic_dir, atomic_file, md5sum
 from gtsrb.params import TrainParams, as_dict
 from gtsrb.prepare import load_split
 
@@ -69,7 +69,7 @@ def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
 
 
 def _scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps: int):
-    if p.schedule == "onecycle":
+    if p.schedule == "onecycle" and steps >= 8:  # shorter runs cannot ramp up and down
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps, pct_start=0.25)
     if p.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -181,7 +181,17 @@ def train(prepared: str | Path, model_path: str | Path, live_dir: str | Path, p:
             mean.tolist(),
             std.tolist(),
             as_dict(p),
-            {"val_accuracy": metrics["val/acc"], "train_seconds": seconds, "threads": threads},
+            {
+                "val_accuracy": metrics["val/acc"],
+                "train_seconds": seconds,
+                "threads": threads,
+                "data": {
+                    "train_md5": md5sum(prepared / "train.npz"),
+                    "val_md5": md5sum(prepared / "val.npz"),
+                    "train_images": len(y),
+                    "val_images": len(yv),
+                },
+            },
         )
         with atomic_file(model_path) as tmp_model:
             torch.save(ckpt, tmp_model)

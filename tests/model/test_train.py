@@ -50,6 +50,18 @@ def test_same_seed_same_weights(tmp_path):
     assert not all(torch.equal(weights[0][k], other[k]) for k in other)
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_every_schedule_runs_even_for_two_steps(tmp_path, schedule):
+    write_prepared(tmp_path / "prepared", n=64)
+    out = train(
+        tmp_path / "prepared",
+        tmp_path / "m.pt",
+        tmp_path / "live",
+        train_params(epochs=1, batch_size=32, schedule=schedule),
+    )
+    assert 0 <= out["val/acc"] <= 1
+
+
 def test_curves_and_summary_are_logged(tmp_path):
     write_prepared(tmp_path / "prepared")
     train(tmp_path / "prepared", tmp_path / "model.pt", tmp_path / "live", train_params(epochs=3))
