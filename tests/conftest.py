@@ -149,6 +149,17 @@ def dvc_repo(tmp_path: Path, dvc_env: dict, params: dict) -> Path:
     return repo
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a process this test started, by its PID: SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class S3Server:
     """A real S3-compatible server: moto in server mode on 127.0.0.1, stopped by its PID."""
 
@@ -208,13 +219,8 @@ class S3Server:
         return {k: c.get_object(Bucket=bucket or self.bucket, Key=k)["Body"].read() for k in keys}
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc)
 
 
 @pytest.fixture

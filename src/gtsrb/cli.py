@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from gtsrb import params as P
@@ -84,6 +85,20 @@ def cmd_get_model(args: argparse.Namespace) -> None:
     log.info("%s %s -> %s", registry.ARTIFACT, version, args.out)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from gtsrb.serve import Settings, serve
+
+    settings = Settings(
+        model=args.model,
+        backend=args.backend,
+        threads=args.threads,
+        inference=args.inference,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_batch=args.max_batch,
+    )
+    serve(settings, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gtsrb", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -132,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--version", help="e.g. v1.0.0 (default: the latest)")
     which.add_argument("--stage", help="e.g. prod")
     p.add_argument("-o", "--out", default="model.pt", help="(default: %(default)s)")
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (FastAPI + uvicorn)")
+    p.set_defaults(func=cmd_serve)
+    p.add_argument(
+        "--model",
+        default=os.environ.get("GTSRB_MODEL", "models/model.pt"),
+        help="checkpoint (default: $GTSRB_MODEL or %(default)s)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="acl", help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = one per core (default: 0)")
+    p.add_argument(
+        "--inference",
+        choices=("eager", "jit", "compile"),
+        default="jit",
+        help="inference path (default: %(default)s)",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default: 10)")
+    p.add_argument("--max-batch", type=int, default=64, help="most images per /predict/batch (default: 64)")
     return parser
 
 

@@ -1,0 +1,173 @@
+"""Load test of `gtsrb serve` from a second process on 127.0.0.1, next to the bare model.
+
+Starts the server on a checkpoint (default models/model.pt; a fresh MicronNet if it is missing),
+then sends bounded bursts: /predict at concurrency 1, 4 and 8, and /predict/batch with 64
+images at concurrency 1 and 2. Reports requests/s, images/s, p50/p99 latency and errors, and
+the bare model's single-image and batch-64 throughput measured in this same run (through the
+server's own Predictor, so the same backend and inference path).
+
+    python bench/serve_load.py [--model models/model.pt] [--seconds 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from gtsrb import models
+from gtsrb.serve import Predictor, Settings, wait_ready
+
+
+def sign_png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def burst(url: str, files_of, concurrency: int, seconds: float, max_requests: int = 20000) -> dict:
+    """``concurrency`` clients send requests for ``seconds`` (at most ``max_requests`` in all)."""
+    latencies: list[float] = []
+    errors = 0
+    images = 0
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(i: int):
+        nonlocal errors, images
+        with httpx.Client(timeout=30) as c:
+            n = 0
+            while time.monotonic() < stop and len(latencies) < max_requests:
+                files, count = files_of(i + n)
+                t = time.perf_counter()
+                try:
+                    ok = c.post(url, files=files).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                dt = time.perf_counter() - t
+                with lock:
+                    latencies.append(dt)
+                    errors += not ok
+                    images += count if ok else 0
+                n += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "requests_per_s": len(lat) / wall,
+        "images_per_s": images / wall,
+        "p50_ms": 1e3 * statistics.median(lat),
+        "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "errors": errors,
+    }
+
+
+def bare(predictor: Predictor, batch: int, seconds: float) -> float:
+    """Images/s of the bare predictor on decoded images (no HTTP, no decoding)."""
+    images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    predictor.probabilities(images)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predictor.probabilities(images)
+        n += 1
+    return n * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/model.pt")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per load level")
+    ap.add_argument("--inference", default="jit")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    model = Path(args.model)
+    tmp = tempfile.TemporaryDirectory()
+    if not model.is_file():
+        model = Path(tmp.name) / "model.pt"
+        torch.save(
+            models.make_checkpoint(models.build("micronnet"), "micronnet", 32, [0.5] * 3, [0.25] * 3, {}),
+            model,
+        )
+        print(f"{args.model} not found: using an untrained MicronNet (speed only)")
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gtsrb.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--inference",
+            args.inference,
+            "--max-batch",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=120, proc=server)
+        pngs = [sign_png(i) for i in range(64)]
+        single = [
+            burst(url + "/predict", lambda i: ({"file": ("s.png", pngs[i % 64])}, 1), c, args.seconds)
+            for c in (1, 4, 8)
+        ]
+        batch_files = [("files", (f"{i}.png", p)) for i, p in enumerate(pngs)]
+        batches = [
+            burst(url + "/predict/batch", lambda i: (batch_files, 64), c, args.seconds) for c in (1, 2)
+        ]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    predictor = Predictor.load(Settings(model=str(model), inference=args.inference))
+    bare1, bare64 = bare(predictor, 1, args.seconds / 2), bare(predictor, 64, args.seconds / 2)
+    print(f"bare model ({predictor.path}): {bare1:.0f} images/s at batch 1, {bare64:.0f} at batch 64")
+    print("| endpoint | concurrency | requests/s | images/s | p50 ms | p99 ms | errors | vs bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rows, base in (("/predict", single, bare1), ("/predict/batch (64)", batches, bare64)):
+        for r in rows:
+            print(
+                f"| {name} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['images_per_s']:.0f} "
+                f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['images_per_s'] / base:.0%} |"
+            )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "bare_images_per_s": {"batch_1": bare1, "batch_64": bare64},
+                    "predict": single,
+                    "predict_batch": batches,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""``gtsrb serve``: the model over HTTP (FastAPI + uvicorn).
+
+- ``POST /predict``: one image (multipart field ``file``: PPM, PNG, JPEG or WebP) -> class id,
+  name, probability, the top k (``?top_k=``) and the model version. Optional ``x1,y1,x2,y2``
+  query params crop a region of interest first, exactly as ``prepare`` crops GTSRB's ROI.
+- ``POST /predict/batch``: several images (fields ``files``), one forward pass, one result each.
+- ``GET /health`` (alive), ``GET /ready`` (model loaded and warmed up), ``GET /model`` (the
+  model card), ``GET /metrics`` (Prometheus), ``GET /`` (a demo page, no external assets),
+  ``GET /docs`` and ``/openapi.json``.
+
+Decoding runs in the thread pool and inference in one dedicated thread, never on the event
+loop. Bad input gets a 4xx with a reason, never a 500: empty, not an image, truncated,
+oversized upload (413), too many pixels (413), too many files (413).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from gtsrb import backends, inference, models, registry
+from gtsrb.errors import GtsrbError
+from gtsrb.prepare import to_model_input
+from gtsrb.train import set_threads
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"PPM", "PNG", "JPEG", "WEBP"}
+TopK = Annotated[int, Query(ge=1, le=43, description="how many classes to return")]
+Coord = Annotated[int | None, Query(description="region of interest: all four of x1, y1, x2, y2, or none")]
+WARMUP_RUNS = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "models/model.pt"
+    backend: str = "acl"
+    threads: int = 0
+    inference: str = "jit"
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_batch: int = 64
+    top_k: int = 5
+
+
+class BadImage(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass
+class Predictor:
+    """A loaded checkpoint on the chosen backend and inference path."""
+
+    settings: Settings
+    ckpt: dict[str, Any] = field(default_factory=dict)
+    fn: Any = None
+    path: str = "eager"
+    runtime: dict[str, Any] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+    version: str = "unversioned"
+
+    @classmethod
+    def load(cls, settings: Settings) -> Predictor:
+        """Load and optimise the model; a missing or corrupt file raises GtsrbError (no server)."""
+        runtime = backends.select(settings.backend)
+        runtime["threads"] = set_threads(settings.threads)
+        model, ckpt = models.load_checkpoint(settings.model)
+        size = ckpt["image_size"]
+        fn, path, fallback = inference.optimize(model, settings.inference, torch.zeros(1, 3, size, size))
+        card = registry.card(settings.model, repo=Path(settings.model).resolve().parent.parent, verify=False)
+        version = os.environ.get("GTSRB_MODEL_VERSION") or card.get("version") or f"md5:{card['md5'][:12]}"
+        runtime.update(inference_path=path, fallback=fallback)
+        return cls(settings, ckpt, fn, path, runtime, card, version)
+
+    @property
+    def image_size(self) -> int:
+        return self.ckpt["image_size"]
+
+    def warm_up(self) -> None:
+        x = torch.zeros(1, 3, self.image_size, self.image_size)
+        with torch.inference_mode():
+            for _ in range(WARMUP_RUNS):
+                self.fn(x)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> class probabilities [N, 43]."""
+        x = models.preprocess(torch.from_numpy(images), self.ckpt)
+        with torch.inference_mode():
+            return torch.softmax(self.fn(x), 1).numpy()
+
+    def result(self, probs: np.ndarray, k: int) -> dict[str, Any]:
+        top = np.argsort(-probs)[:k]
+        names = self.ckpt["class_names"]
+        entries = [
+            {"class_id": int(c), "class_name": names[c], "probability": round(float(probs[c]), 6)}
+            for c in top
+        ]
+        return {**entries[0], "top_k": entries, "model_version": self.version}
+
+
+def decode(
+    data: bytes, size: int, max_pixels: int, roi: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """Upload bytes -> the model's uint8 input, with prepare's crop-and-resize function."""
+    if not data:
+        raise BadImage(400, "empty upload")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if img.format not in FORMATS:
+                raise BadImage(415, f"unsupported image format {img.format}; send PPM, PNG, JPEG or WebP")
+            if width * height > max_pixels:
+                raise BadImage(
+                    413, f"image too large: {width}x{height} pixels, more than the limit of {max_pixels}"
+                )
+            img.load()
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(413, f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadImage(415, "not an image (PPM, PNG, JPEG or WebP expected)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImage(400, f"truncated or corrupt image: {exc}") from None
+    box = None
+    if roi is not None:
+        x1, y1, x2, y2 = roi
+        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+            raise BadImage(422, f"ROI ({x1},{y1})-({x2},{y2}) is outside the {width}x{height} image")
+        box = (float(x1), float(y1), float(x2), float(y2))
+    return to_model_input(img, box, size)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``limit`` bytes gets 413 before it is parsed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send):
+        body = f'{{"detail":"upload larger than the limit of {self.limit} bytes"}}'.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(predictor: Predictor):
+    """The FastAPI app around a loaded predictor."""
+    settings = predictor.settings
+    metrics_registry = CollectorRegistry()
+    requests = Counter(
+        "gtsrb_requests_total", "HTTP requests", ["endpoint", "status"], registry=metrics_registry
+    )
+    latency = Histogram(
+        "gtsrb_request_seconds",
+        "Request latency",
+        ["endpoint"],
+        registry=metrics_registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
+    predictions = Counter(
+        "gtsrb_predictions_total", "Predicted classes", ["class_id", "class_name"], registry=metrics_registry
+    )
+    errors = Counter(
+        "gtsrb_errors_total", "Rejected requests", ["endpoint", "status"], registry=metrics_registry
+    )
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    state = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await asyncio.get_running_loop().run_in_executor(model_thread, predictor.warm_up)
+        state["ready"] = True
+        log.info("model %s ready (%s, %s)", predictor.version, predictor.runtime["kernels"], predictor.path)
+        yield
+        model_thread.shutdown(wait=False)
+
+    app = FastAPI(
+        title="GTSRB traffic-sign classifier",
+        version=predictor.version,
+        lifespan=lifespan,
+        description="Predicts the GTSRB class of traffic-sign images.",
+    )
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.scope["route"].path if request.scope.get("route") else "other"
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - started)
+        if response.status_code >= 400:
+            errors.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def run_model(images: np.ndarray) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(model_thread, predictor.probabilities, images)
+
+    async def decode_upload(upload: UploadFile, roi) -> np.ndarray:
+        data = await upload.read()
+        try:
+            return await asyncio.to_thread(decode, data, predictor.image_size, settings.max_pixels, roi)
+        except BadImage as exc:
+            name = f"{upload.filename}: " if upload.filename else ""
+            raise HTTPException(exc.status, name + exc.detail) from None
+
+    def roi_of(x1, y1, x2, y2):
+        given = [v is not None for v in (x1, y1, x2, y2)]
+        if any(given) and not all(given):
+            raise HTTPException(422, "give all of x1, y1, x2, y2 for a region of interest, or none")
+        return (x1, y1, x2, y2) if all(given) else None
+
+    def count(results):
+        for r in results:
+            predictions.labels(str(r["class_id"]), r["class_name"]).inc()
+
+    @app.post("/predict", summary="Classify one image")
+    async def predict(
+        file: Annotated[UploadFile, File()],
+        top_k: TopK = 5,
+        x1: Coord = None,
+        y1: Coord = None,
+        x2: Coord = None,
+        y2: Coord = None,
+    ):
+        image = await decode_upload(file, roi_of(x1, y1, x2, y2))
+        result = predictor.result((await run_model(image[None]))[0], top_k)
+        count([result])
+        return result
+
+    @app.post("/predict/batch", summary="Classify several images in one forward pass")
+    async def predict_batch(files: Annotated[list[UploadFile], File()], top_k: TopK = 5):
+        if len(files) > settings.max_batch:
+            raise HTTPException(
+                413, f"{len(files)} files in one batch, more than the limit of {settings.max_batch}"
+            )
+        images = np.stack([await decode_upload(f, None) for f in files])
+        probs = await run_model(images)
+        results = [predictor.result(p, top_k) for p in probs]
+        count(results)
+        return {"results": results, "model_version": predictor.version}
+
+    @app.get("/health", summary="Liveness")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Model loaded and warmed up")
+    async def ready():
+        if not state["ready"]:
+            return JSONResponse({"ready": False}, status_code=503)
+        return {"ready": True, "model_version": predictor.version}
+
+    @app.get("/model", summary="The model card")
+    async def model_card():
+        return {**predictor.card, "version": predictor.version, "runtime": predictor.runtime}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics():
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo():
+        return DEMO_PAGE
+
+    @app.exception_handler(GtsrbError)
+    async def gtsrb_error(request: Request, exc: GtsrbError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    return BodyLimit(app, settings.max_upload_bytes) if settings.max_upload_bytes else app
+
+
+def wait_ready(url: str, timeout: float = 120, proc=None) -> None:
+    """Poll ``url``/ready until it answers 200; fail early if ``proc`` (the server) exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise GtsrbError(f"the server at {url} exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise GtsrbError(f"{url} was not ready after {timeout:.0f}s")
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    predictor = Predictor.load(settings)
+    uvicorn.run(create_app(predictor), host=host, port=port, log_level="info", workers=1)
+
+
+DEMO_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>GTSRB traffic-sign classifier</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}
+#drop{display:block;border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center;cursor:pointer}
+#drop.over{background:#eef}
+img#preview{max-width:8rem;max-height:8rem;display:block;margin:1rem auto;image-rendering:pixelated}
+table{width:100%;border-collapse:collapse;margin-top:1rem}td,th{padding:.3rem;border-bottom:1px solid #ddd;text-align:left}
+.bar{background:#36c;height:.8rem;border-radius:2px}
+#error{color:#b00}
+</style></head><body>
+<h1>Traffic-sign classifier</h1>
+<p>Drop a traffic-sign image (PPM, PNG, JPEG or WebP), or pick one.</p>
+<label id="drop">Drop an image here or click to choose
+<input id="file" type="file" accept="image/*,.ppm" hidden></label>
+<img id="preview" alt="">
+<p id="error" role="alert"></p>
+<div id="results" aria-live="polite"></div>
+<script>
+const input = document.getElementById('file'), drop = document.getElementById('drop');
+drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('over');
+  if (e.dataTransfer.files.length) classify(e.dataTransfer.files[0]); });
+input.addEventListener('change', () => { if (input.files.length) classify(input.files[0]); });
+function esc(s) { const d = document.createElement('div'); d.textContent = s; return d.innerHTML; }
+async function classify(file) {
+  document.getElementById('error').textContent = '';
+  document.getElementById('results').innerHTML = 'Classifying...';
+  const preview = document.getElementById('preview');
+  preview.src = URL.createObjectURL(file);
+  const form = new FormData(); form.append('file', file);
+  const response = await fetch('predict?top_k=5', {method: 'POST', body: form});
+  const body = await response.json();
+  if (!response.ok) { document.getElementById('results').innerHTML = '';
+    document.getElementById('error').textContent = body.detail || response.statusText; return; }
+  let rows = body.top_k.map(p => `<tr><td>${p.class_id}</td><td>${esc(p.class_name)}</td>` +
+    `<td>${(100 * p.probability).toFixed(1)}%<div class="bar" style="width:${100 * p.probability}%"></div></td></tr>`);
+  document.getElementById('results').innerHTML =
+    `<p id="top1"><strong>${esc(body.class_name)}</strong> (class ${body.class_id}, ` +
+    `${(100 * body.probability).toFixed(1)}%)</p><table><tr><th>id</th><th>class</th><th>probability</th></tr>` +
+    rows.join('') + `</table><p><small>model ${esc(body.model_version)}</small></p>`;
+}
+</script></body></html>
+"""

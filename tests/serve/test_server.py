@@ -1,0 +1,183 @@
+"""HTTP tests against a real uvicorn process: every endpoint and every bad input."""
+
+import io
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from gtsrb.cli import main
+from gtsrb.serve import BadImage, decode
+from tests import archives
+from tests.conftest import set_key, write_params
+from tests.serve.conftest import make_checkpoint, png
+
+
+def post(server, data: bytes, name="sign.png", path="/predict", **params):
+    return httpx.post(server.url + path, files={"file": (name, data)}, params=params, timeout=30)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "PPM"])
+def test_predict_each_format(server, fmt):
+    r = post(server, png(fmt=fmt), name=f"sign.{fmt.lower()}", top_k=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert 0 <= body["class_id"] < 43 and 0 < body["probability"] <= 1
+    assert body["top_k"][0]["class_id"] == body["class_id"] and len(body["top_k"]) == 3
+    assert (
+        body["top_k"][0]["probability"] >= body["top_k"][1]["probability"] >= body["top_k"][2]["probability"]
+    )
+    assert body["class_name"] and body["model_version"] == "v0.0.0-test"
+
+
+def test_batch_is_one_result_per_image_in_order(server):
+    images = [png(color=(200, 20, 30)), png(color=(20, 60, 200)), png(color=(250, 200, 20))]
+    single = [post(server, data).json()["class_id"] for data in images]
+    r = httpx.post(
+        server.url + "/predict/batch",
+        files=[("files", (f"{i}.png", d)) for i, d in enumerate(images)],
+        params={"top_k": 2},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["class_id"] for x in results] == single and all(len(x["top_k"]) == 2 for x in results)
+
+
+def test_health_ready_model_docs_and_demo(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").json() == {"ready": True, "model_version": "v0.0.0-test"}
+    card = httpx.get(server.url + "/model").json()
+    assert card["arch"] == "traffic_sign_net" and len(card["md5"]) == 32 and card["version"] == "v0.0.0-test"
+    assert card["runtime"]["backend"] == "acl" and card["runtime"]["threads"] == 1
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics"} <= set(schema["paths"])
+    page = httpx.get(server.url + "/").text
+    assert '<input id="file"' in page and "http://" not in page and "https://" not in page
+
+
+def test_metrics_count_requests_latency_classes_and_errors(server):
+    before = httpx.get(server.url + "/metrics").text
+    post(server, png())
+    post(server, b"not an image")
+    text = httpx.get(server.url + "/metrics").text
+
+    def value(text, prefix):
+        lines = [line for line in text.splitlines() if line.startswith(prefix)]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    assert (
+        value(text, 'gtsrb_requests_total{endpoint="/predict",status="200"}')
+        == value(before, 'gtsrb_requests_total{endpoint="/predict",status="200"}') + 1
+    )
+    assert value(text, 'gtsrb_errors_total{endpoint="/predict",status="415"}') >= 1
+    assert value(text, 'gtsrb_request_seconds_count{endpoint="/predict"}') >= 2
+    assert value(text, "gtsrb_predictions_total{") > value(before, "gtsrb_predictions_total{")
+
+
+def bomb_png(width=60000, height=60000) -> bytes:
+    """A valid 1x1 PNG whose header declares a huge image (a decompression bomb's calling card)."""
+    data = bytearray(png(size=(1, 1)))
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+BAD = {
+    "not an image": (lambda: b"hello, this is text", 415, "not an image"),
+    "truncated image": (lambda: png(size=(200, 200))[:300], 400, "truncated or corrupt image"),
+    "empty upload": (lambda: b"", 400, "empty upload"),
+    "huge upload": (lambda: b"\0" * (2 * 1024 * 1024), 413, "larger than the limit of 1048576 bytes"),
+    "decompression bomb": (bomb_png, 413, "image too large"),
+    "too many pixels": (
+        lambda: bomb_png(5000, 5000),
+        413,
+        "image too large: 5000x5000 pixels, more than the limit",
+    ),
+    "unsupported format": (lambda: png(fmt="GIF"), 415, "unsupported image format GIF"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_a_clear_4xx(server, case):
+    make, status, message = BAD[case]
+    r = post(server, make())
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+
+
+def test_wrong_content_type_and_params(server):
+    r = httpx.post(server.url + "/predict", json={"image": "abc"}, timeout=30)
+    assert r.status_code == 422
+    assert post(server, png(), top_k=0).status_code == 422
+    assert post(server, png(), x1=1).status_code == 422
+    r = post(server, png(size=(20, 20)), x1=0, y1=0, x2=30, y2=10)
+    assert r.status_code == 422 and "outside the 20x20 image" in r.json()["detail"]
+
+
+def test_too_many_files_in_a_batch(server):
+    files = [("files", (f"{i}.png", png())) for i in range(5)]
+    r = httpx.post(server.url + "/predict/batch", files=files, timeout=30)
+    assert r.status_code == 413 and "5 files in one batch, more than the limit of 4" in r.json()["detail"]
+
+
+def test_keeps_answering_good_requests_while_bad_ones_arrive(server):
+    good, statuses = png(), []
+
+    def bad_traffic():
+        for make, _, _ in list(BAD.values()) * 3:
+            statuses.append(post(server, make()).status_code)
+
+    threads = [threading.Thread(target=bad_traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    answers = [post(server, good) for _ in range(20)]
+    for t in threads:
+        t.join()
+    assert all(a.status_code == 200 for a in answers)
+    assert len({a.json()["class_id"] for a in answers}) == 1
+    assert statuses and all(400 <= s < 500 for s in statuses)
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_refuses_to_start_without_a_good_model(tmp_path, damage):
+    model = tmp_path / "model.pt"
+    if damage == "corrupt":
+        make_checkpoint(model)
+        model.write_bytes(model.read_bytes()[:1000])
+    proc = subprocess.run(
+        [sys.executable, "-m", "gtsrb.cli", "serve", "--model", str(model), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    expected = "model not found" if damage == "missing" else "truncated or corrupt checkpoint"
+    assert f"gtsrb serve: error: {model}" in proc.stderr and expected in proc.stderr
+
+
+def test_serving_preprocessing_is_prepares(tmp_path, monkeypatch, params):
+    """The same PPM and ROI give the same model input through prepare and through the server."""
+    s = archives.build(classes=(0,), tracks=2, frames=1, n_test=1)
+    pixels = np.random.default_rng(3).integers(0, 256, (47, 51, 3), dtype=np.uint8)
+    roi = (6, 5, 44, 41)
+    s.zips[archives.TEST_IMAGES]["GTSRB/Final_Test/Images/00000.ppm"] = archives.ppm(pixels)
+    s.zips[archives.TEST_GT]["GT-final_test.csv"] = archives.csv([("00000.ppm", 51, 47, *roi, 0)])
+    s.write(tmp_path / "data" / "raw")
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", set_key(params, "prepare.workers", 1))
+    assert main(["prepare"]) == 0
+    prepared = np.load(tmp_path / "data/prepared/test.npz")["images"][0]
+    served = decode(archives.ppm(pixels), 32, 10**6, roi)
+    assert np.array_equal(served, prepared)
+    whole = decode(archives.ppm(pixels), 32, 10**6)
+    assert np.array_equal(whole, np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BILINEAR)))
+    with pytest.raises(BadImage):
+        decode(io.BytesIO(b"x").getvalue(), 32, 10**6)
