@@ -13,7 +13,7 @@ import torch
 from gtsrb import params as P
 from gtsrb.errors import ParamsError
 from gtsrb.train import augment, train
-from tests.conftest import ROOT, set_key, write_params
+from tests.conftest import ROOT, set_key, tree_digest, write_params
 
 
 def write_prepared(folder, n=96, size=32, seed=0):
@@ -43,6 +43,8 @@ def test_same_seed_same_weights(tmp_path):
     for run in ("a", "b"):
         train(tmp_path / "prepared", tmp_path / run / "model.pt", tmp_path / run / "live", train_params())
         weights.append(torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"])
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+    assert tree_digest(tmp_path / "a" / "live") == tree_digest(tmp_path / "b" / "live")
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     train(tmp_path / "prepared", tmp_path / "c" / "model.pt", tmp_path / "c" / "live", train_params(seed=1))
