@@ -27,7 +27,11 @@ STAGE_TAG = re.compile(rf"^{re.escape(ARTIFACT)}#([\w-]+)#(\d+)$")
 
 
 def _git(repo: str | Path, *args: str) -> str | None:
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    """git's output, or None if it fails or git is not installed (the server image has none)."""
+    try:
+        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     return proc.stdout if proc.returncode == 0 else None
 
 
