@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from gtsrb import params as P
 from gtsrb.errors import GtsrbError
@@ -73,9 +74,7 @@ def cmd_card(args: argparse.Namespace) -> None:
     from gtsrb import registry
 
     info = registry.card(args.model, verify=not args.no_verify)
-    print(
-        json.dumps(info, indent=2) if args.json else registry.render(info), end="" if not args.json else "\n"
-    )
+    print(json.dumps(info, indent=2) if args.json else registry.render(info).rstrip())
 
 
 def cmd_get_model(args: argparse.Namespace) -> None:
@@ -97,6 +96,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
     )
     serve(settings, args.host, args.port)
+
+
+def cmd_ci_report(args: argparse.Namespace) -> None:
+    from gtsrb import ci
+
+    body = ci.build_report(".", args.base, args.head_label)
+    if args.out:
+        Path(args.out).write_text(body)
+    else:
+        print(body, end="")
+
+
+def cmd_ci_comment(args: argparse.Namespace) -> None:
+    from gtsrb import ci
+
+    pr = int(args.pr) if args.pr else None
+    log.info(ci.publish(Path(args.file).read_text(), args.repo, pr, os.environ.get("GITHUB_TOKEN")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--version", help="e.g. v1.0.0 (default: the latest)")
     which.add_argument("--stage", help="e.g. prod")
     p.add_argument("-o", "--out", default="model.pt", help="(default: %(default)s)")
+
+    p = sub.add_parser("ci-report", help="CI: the PR comment (metrics/params diff, backends, curves)")
+    p.set_defaults(func=cmd_ci_report)
+    p.add_argument("--base", required=True, help="git revision to compare with, e.g. origin/main")
+    p.add_argument("--head-label", default="this PR", help="how the head is named in the title")
+    p.add_argument("--out", help="write the markdown here (default: stdout)")
+
+    p = sub.add_parser("ci-comment", help="CI: post or update the PR comment (token: $GITHUB_TOKEN)")
+    p.set_defaults(func=cmd_ci_comment)
+    p.add_argument("--file", required=True, help="the markdown from ci-report")
+    p.add_argument("--repo", default=os.environ.get("GITHUB_REPOSITORY"), help="owner/name")
+    p.add_argument("--pr", help="pull request number")
 
     p = sub.add_parser("serve", help="serve the model over HTTP (FastAPI + uvicorn)")
     p.set_defaults(func=cmd_serve)
