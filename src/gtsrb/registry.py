@@ -105,10 +105,16 @@ def _lock_md5(lock_text: str | None) -> str | None:
     return None
 
 
-def card(model_path: str | Path, repo: str | Path = ".", verify: bool = True) -> dict[str, Any]:
-    """What a checkpoint is: arch, version, training data and params, test metrics, md5."""
+def card(
+    model_path: str | Path, repo: str | Path = ".", verify: bool = True, ckpt: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint is: arch, version, training data and params, test metrics, md5.
+
+    ``ckpt``: the checkpoint already loaded from ``model_path`` (saves loading it twice).
+    """
     model_path, repo = Path(model_path), Path(repo)
-    _, ckpt = models.load_checkpoint(model_path)
+    if ckpt is None:
+        _, ckpt = models.load_checkpoint(model_path)
     md5 = md5sum(model_path)
     info: dict[str, Any] = {
         "path": str(model_path),

@@ -85,7 +85,8 @@ class Predictor:
         model, ckpt = models.load_checkpoint(settings.model)
         size = ckpt["image_size"]
         fn, path, fallback = inference.optimize(model, settings.inference, torch.zeros(1, 3, size, size))
-        card = registry.card(settings.model, repo=Path(settings.model).resolve().parent.parent, verify=False)
+        repo = Path(settings.model).resolve().parent.parent  # models/model.pt in a checkout
+        card = registry.card(settings.model, repo=repo, verify=False, ckpt=ckpt)
         version = os.environ.get("GTSRB_MODEL_VERSION") or card.get("version") or f"md5:{card['md5'][:12]}"
         runtime.update(inference_path=path, fallback=fallback)
         return cls(settings, ckpt, fn, path, runtime, card, version)
