@@ -60,3 +60,11 @@ def test_backends_switch_the_convolution_kernel(fixed_batch):
         assert ("Arm Compute Library" in info["kernels"]) == info["acl_available"]
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+def test_optimising_leaves_the_callers_model_as_it_was(fixed_batch):
+    model = models.build("micronnet").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inference.optimize(model, "jit", fixed_batch)
+    for k, v in model.state_dict().items():
+        assert v.is_contiguous() and torch.equal(v, before[k]), k
