@@ -108,10 +108,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def _convert(value: Any, tp: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
