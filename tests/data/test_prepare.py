@@ -7,7 +7,6 @@ import zipfile
 import numpy as np
 import pytest
 
-from gtsrb import params as P
 from gtsrb.cli import main
 from gtsrb.prepare import load_split, split_by_track
 from tests import archives
@@ -204,4 +203,3 @@ def test_prepared_split_checks(tmp_path):
     np.savez(tmp_path / "wrong.npz", images=np.zeros((2, 4, 4), np.uint8), labels=np.zeros(2, np.int64))
     with pytest.raises(GtsrbError, match="expected images uint8"):
         load_split(tmp_path / "wrong.npz")
-    assert P.PARAMS_FILE == "params.yaml"
