@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inference",
         choices=("eager", "jit", "compile"),
-        default="jit",
-        help="inference path (default: %(default)s)",
+        default="compile",
+        help="inference path; compile falls back to jit without a C++ compiler (default: %(default)s)",
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default: 10)")
     p.add_argument("--max-batch", type=int, default=64, help="most images per /predict/batch (default: 64)")

@@ -89,6 +89,26 @@ class MicronNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+def used_input_side(model: nn.Module, side: int) -> int:
+    """How many leading rows (and columns) of a ``side`` x ``side`` input the output depends on.
+
+    TrafficSignNet's floor-mode 2x2 pooling drops the last row of an odd map: at 32 px its
+    second conv computes a 13th row no one reads, and the last 2 input rows never count.
+    Walking the layers back from the classifier's input gives the rows that do (30 of 32).
+    Padded convolutions (MicronNet) see zeros past the border, so they use the whole input.
+    """
+    if not isinstance(model, TrafficSignNet):
+        return side
+    convs = [model.conv1, model.conv2]
+    pool = model.pool.kernel_size
+    out = side
+    for conv in convs:
+        out = (out - conv.kernel_size[0] + 1) // pool
+    for conv in reversed(convs):
+        out = out * pool + conv.kernel_size[0] - 1
+    return out
+
+
 ARCHS: dict[str, type[nn.Module]] = {"micronnet": MicronNet, "traffic_sign_net": TrafficSignNet}
 
 

@@ -52,7 +52,7 @@ class Settings:
     model: str = "models/model.pt"
     backend: str = "acl"
     threads: int = 0
-    inference: str = "jit"
+    inference: str = "compile"
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     max_batch: int = 64

@@ -31,6 +31,22 @@ def test_optimised_paths_predict_like_eager(arch, path, fixed_batch):
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_compile_serves_small_batches_from_the_frozen_graph_and_any_batch_size(fixed_batch):
+    torch.manual_seed(1)
+    model = models.build("traffic_sign_net").eval()
+    fn, used, fallback = inference.optimize(model, "compile", fixed_batch[:1])
+    assert used == "compile", fallback
+    with torch.inference_mode():
+        for n in (1, inference.SMALL_BATCH - 1, inference.SMALL_BATCH, 37, 64):
+            torch.testing.assert_close(fn(fixed_batch[:n]), model(fixed_batch[:n]), rtol=1e-3, atol=1e-3)
+
+
+def test_allocator_tuning_is_reported():
+    """glibc here: the call must succeed, and a second call changes nothing."""
+    assert inference.tune_allocator() == "glibc heap keeps freed buffers"
+    assert inference.tune_allocator() == "glibc heap keeps freed buffers"
+
+
 def test_compile_falls_back_with_the_reason(fixed_batch, monkeypatch):
     """A machine without a C++ compiler cannot run Inductor: simulated by making compile fail."""
 

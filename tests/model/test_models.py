@@ -23,6 +23,28 @@ def test_archs_map_images_to_43_logits(arch, size):
     assert net(torch.zeros(2, 3, size, size)).shape == (2, 43)
 
 
+@pytest.mark.parametrize("size", [32, 33, 48])
+def test_traffic_sign_net_ignores_exactly_the_rows_used_input_side_leaves_out(size):
+    torch.manual_seed(0)
+    model = models.build("traffic_sign_net", size).eval()
+    side = models.used_input_side(model, size)
+    x = torch.randn(4, 3, size, size)
+    with torch.inference_mode():
+        expected = model(x)
+        beyond = x.clone()
+        beyond[..., side:, :] = 9.0
+        beyond[..., :, side:] = -9.0
+        assert torch.equal(model(beyond), expected)  # bit for bit: those pixels never reach the output
+        last = x.clone()
+        last[..., side - 1, :] = 9.0
+        assert not torch.allclose(model(last), expected)  # and the last row counted does count
+
+
+def test_padded_convolutions_use_the_whole_input():
+    model = models.build("micronnet").eval()
+    assert models.used_input_side(model, 32) == 32
+
+
 def test_unknown_arch():
     with pytest.raises(GtsrbError, match=r"unknown arch 'resnet' \(known: micronnet, traffic_sign_net\)"):
         models.build("resnet")
