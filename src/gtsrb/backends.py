@@ -31,6 +31,14 @@ ARM_PARTS = {
 }
 
 
+def conv_layout() -> torch.memory_format:
+    """Channels-last (NHWC strides) where oneDNN runs the convolutions: its fast layout, above
+    all for pooling and training. The BLAS / native path (oneDNN off) keeps NCHW, which its
+    kernels expect."""
+    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return torch.channels_last if onednn else torch.contiguous_format
+
+
 def acl_available() -> bool:
     """Whether this torch's oneDNN is built with the Arm Compute Library (torch 2.3+ safe)."""
     probe = getattr(torch.backends.mkldnn, "is_acl_available", None)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gtsrb import models
+from gtsrb import backends, models
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,6 @@ def tune_allocator() -> str:
     return _allocator_tuned
 
 
-def _layout() -> torch.memory_format:
-    """Channels-last (NHWC strides) where oneDNN runs the convolutions: its fast layout, above
-    all for pooling. The BLAS / native path (oneDNN off) keeps NCHW, which its kernels expect."""
-    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    return torch.channels_last if onednn else torch.contiguous_format
-
-
 class _Prepared(nn.Module):
     """The model in ``layout``, fed only the part of the input its output depends on."""
 
@@ -80,7 +73,7 @@ class _Prepared(nn.Module):
 
 def _prepare(model: nn.Module, example: torch.Tensor) -> _Prepared:
     """A copy (Module.to changes the module in place: the caller's stays as it is)."""
-    layout = _layout()
+    layout = backends.conv_layout()
     side = models.used_input_side(model, example.shape[-1])
     return _Prepared(copy.deepcopy(model).to(memory_format=layout), side, layout).eval()
 

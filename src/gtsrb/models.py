@@ -95,7 +95,7 @@ def used_input_side(model: nn.Module, side: int) -> int:
     TrafficSignNet's floor-mode 2x2 pooling drops the last row of an odd map: at 32 px its
     second conv computes a 13th row no one reads, and the last 2 input rows never count.
     Walking the layers back from the classifier's input gives the rows that do (30 of 32).
-    Padded convolutions (MicronNet) see zeros past the border, so they use the whole input.
+    Padded convolutions (the other archs) see zeros past the border: they use the whole input.
     """
     if not isinstance(model, TrafficSignNet):
         return side
@@ -109,7 +109,37 @@ def used_input_side(model: nn.Module, side: int) -> int:
     return out
 
 
-ARCHS: dict[str, type[nn.Module]] = {"micronnet": MicronNet, "traffic_sign_net": TrafficSignNet}
+class FastSignNet(nn.Module):
+    """The default: three 3x3 conv + batch norm + ReLU blocks (16, 32, 64 channels), each
+    followed by 2x2 max-pooling, then dropout and one linear layer.
+
+    68k parameters and about 2.8 MMAC per 32 x 32 image (the baseline 4.2, MicronNet 6.4):
+    padded convolutions keep the border, pooling early keeps the work small, and batch norm
+    lets it train at a high learning rate. It trains 3x faster per image than MicronNet and
+    reaches a higher test accuracy on the synthetic set (README, Benchmarks).
+    """
+
+    def __init__(self, image_size: int = 32, num_classes: int = NUM_CLASSES, dropout: float = 0.3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin, side = 3, image_size
+        for cout in (16, 32, 64):
+            layers += [_conv_bn(cin, cout, 3), nn.MaxPool2d(2)]
+            cin, side = cout, side // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin * side * side, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+ARCHS: dict[str, type[nn.Module]] = {
+    "fast_sign_net": FastSignNet,
+    "micronnet": MicronNet,
+    "traffic_sign_net": TrafficSignNet,
+}
 
 
 def build(arch: str, image_size: int = 32, dropout: float = 0.0) -> nn.Module:
@@ -137,7 +167,7 @@ def make_checkpoint(
         "class_names": list(CLASS_NAMES),
         "params": params,
         "torch_version": torch.__version__.split("+")[0],
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
         **(extra or {}),
     }
 

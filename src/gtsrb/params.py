@@ -70,12 +70,13 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    arch: Literal["micronnet", "traffic_sign_net"]
+    arch: Literal["fast_sign_net", "micronnet", "traffic_sign_net"]
     epochs: int = _range(1)
     batch_size: int = _range(1)
     optimizer: Literal["adam", "adamw", "sgd"]
     lr: float = _range(0, lo_open=True)
     schedule: Literal["onecycle", "cosine", "constant"]
+    warmup: float = _range(0, 0.9)
     weight_decay: float = _range(0)
     dropout: float = _range(0, 0.9)
     augment: float = _range(0, 1)

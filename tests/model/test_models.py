@@ -46,7 +46,9 @@ def test_padded_convolutions_use_the_whole_input():
 
 
 def test_unknown_arch():
-    with pytest.raises(GtsrbError, match=r"unknown arch 'resnet' \(known: micronnet, traffic_sign_net\)"):
+    with pytest.raises(
+        GtsrbError, match=r"unknown arch 'resnet' \(known: fast_sign_net, micronnet, traffic_sign_net\)"
+    ):
         models.build("resnet")
 
 

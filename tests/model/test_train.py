@@ -74,7 +74,7 @@ def test_curves_and_summary_are_logged(tmp_path):
         rows = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
         assert rows[0].split("\t") == ["step", name.split("/")[1]] and len(rows) == 4
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert ckpt["params"]["epochs"] == 3 and ckpt["arch"] == "micronnet" and len(ckpt["mean"]) == 3
+    assert ckpt["params"]["epochs"] == 3 and ckpt["arch"] == "fast_sign_net" and len(ckpt["mean"]) == 3
 
 
 def test_augment_keeps_shape_range_and_is_seeded():
@@ -90,7 +90,11 @@ def test_augment_keeps_shape_range_and_is_seeded():
     [
         ("train.batch_size", 0, "train.batch_size: must be >= 1, got 0"),
         ("train.lr", -0.1, "train.lr: must be > 0, got -0.1"),
-        ("train.arch", "resnet", "train.arch: must be one of micronnet, traffic_sign_net; got 'resnet'"),
+        (
+            "train.arch",
+            "resnet",
+            "train.arch: must be one of fast_sign_net, micronnet, traffic_sign_net; got 'resnet'",
+        ),
     ],
 )
 def test_out_of_range_params(tmp_path, params, key, value, message):
@@ -101,7 +105,7 @@ def test_out_of_range_params(tmp_path, params, key, value, message):
 
 def test_batch_norm_needs_two_images_per_batch(tmp_path):
     write_prepared(tmp_path / "prepared")
-    with pytest.raises(ParamsError, match=r"train\.batch_size: micronnet has batch norm"):
+    with pytest.raises(ParamsError, match=r"train\.batch_size: fast_sign_net has batch norm"):
         train(tmp_path / "prepared", tmp_path / "m.pt", tmp_path / "live", train_params(batch_size=1))
 
 
@@ -121,7 +125,7 @@ def test_interrupted_training_keeps_the_previous_model(tmp_path, params, sig):
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     for line in proc.stderr:  # wait until training is under way
-        if "training micronnet" in line:
+        if "training fast_sign_net" in line:
             break
     time.sleep(1.0)
     proc.send_signal(sig)

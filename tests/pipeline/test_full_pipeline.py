@@ -1,7 +1,7 @@
 """All six stages through `dvc repro` on a small synthetic GTSRB-format set.
 
 Numbers seen on the 2-core CI machine with these settings (43 classes, 4 tracks x 5 frames
-for training, 5 test images per class, 10 epochs): the trained MicronNet reaches about 30%
+for training, 5 test images per class, 10 epochs): the trained default model (fast_sign_net) reaches about 40%
 test accuracy; chance is 1/43 = 2.3%, an untrained model and one trained on shuffled labels
 stay at or below about 5%. The test asserts at least 15% for the trained model and at most
 8% for the two controls.
@@ -99,7 +99,7 @@ def test_repro_end_to_end(dvc_repo, params):
     test = load_split(dvc_repo / "data/prepared/test.npz")
     _, ckpt = models.load_checkpoint(dvc_repo / "models/model.pt")
     x = models.preprocess(torch.from_numpy(test["images"]), ckpt)
-    untrained = models.build("micronnet").eval()
+    untrained = models.build(ckpt["arch"]).eval()
     with torch.inference_mode():
         untrained_acc = scores(test["labels"], untrained(x).argmax(1).numpy())["accuracy"]
     shuffled_dir = dvc_repo.parent / "shuffled"
