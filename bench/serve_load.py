@@ -1,7 +1,7 @@
 """Load test of `gtsrb serve` from a second process on 127.0.0.1, next to the bare model.
 
-Starts the server on a checkpoint (default models/model.pt; a fresh MicronNet if it is missing),
-then sends bounded bursts: /predict at concurrency 1, 4 and 8, and /predict/batch with 64
+Starts the server on a checkpoint (default models/model.pt; an untrained model of the default
+arch if it is missing), then sends bounded bursts: /predict at concurrency 1, 4 and 8, and /predict/batch with 64
 images at concurrency 1 and 2. Reports requests/s, images/s, p50/p99 latency and errors, and
 the bare model's single-image and batch-64 throughput measured in this same run (through the
 server's own Predictor, so the same backend and inference path).
@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
+import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,10 @@ import torch
 from PIL import Image
 
 from gtsrb import models
+from gtsrb import params as P
 from gtsrb.serve import Predictor, Settings, wait_ready
+
+ARCH = P.load("train", Path(__file__).resolve().parents[1] / "params.yaml").arch
 
 
 def sign_png(seed: int) -> bytes:
@@ -84,6 +88,71 @@ def burst(url: str, files_of, concurrency: int, seconds: float, max_requests: in
     }
 
 
+def multipart(field: str, pngs: list[bytes]) -> tuple[bytes, str]:
+    """A multipart/form-data body uploading ``pngs`` under ``field``, and its content type."""
+    boundary = "gtsrb-bench-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + png
+        + b"\r\n"
+        for i, png in enumerate(pngs)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def wrk_burst(
+    url: str, body: bytes, content_type: str, connections: int, seconds: float, images: int
+) -> dict:
+    """The same load from wrk (C, one thread), which leaves the server most of the 2 cores."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body").write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(
+            f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "{content_type}"\n'
+            f'local f = io.open("{tmp}/body", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+        )
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def number(pattern: str, default: str = "0") -> float:
+        found = re.search(pattern, out)
+        return float(found.group(1) if found else default)
+
+    def ms(label: str) -> float:
+        found = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)\b", out)
+        value, unit = float(found.group(1)), found.group(2)
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    rps = number(r"Requests/sec:\s+([\d.]+)")
+    errors = number(r"Non-2xx or 3xx responses:\s+(\d+)") + sum(
+        int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out)
+    )
+    return {
+        "concurrency": connections,
+        "requests": int(number(r"(\d+) requests in")),
+        "requests_per_s": rps,
+        "images_per_s": rps * images,
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "errors": int(errors),
+        "load_generator": "wrk",
+    }
+
+
 def bare(predictor: Predictor, batch: int, seconds: float) -> float:
     """Images/s of the bare predictor on decoded images (no HTTP, no decoding)."""
     images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
@@ -95,11 +164,28 @@ def bare(predictor: Predictor, batch: int, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(model: Path, inference: str) -> tuple[subprocess.Popen, str]:
+    """`gtsrb serve` on a free port of 127.0.0.1, ready; the caller stops it."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gtsrb.cli", "serve", "--model", str(model), "--port", str(port)]
+    cmd += ["--inference", inference, "--max-batch", "64"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, timeout=180, proc=server)
+    return server, url
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/model.pt")
     ap.add_argument("--seconds", type=float, default=8.0, help="per load level")
-    ap.add_argument("--inference", default="jit")
+    ap.add_argument("--inference", default="compile")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     model = Path(args.model)
@@ -107,32 +193,12 @@ def main() -> None:
     if not model.is_file():
         model = Path(tmp.name) / "model.pt"
         torch.save(
-            models.make_checkpoint(models.build("micronnet"), "micronnet", 32, [0.5] * 3, [0.25] * 3, {}),
+            models.make_checkpoint(models.build(ARCH), ARCH, 32, [0.5] * 3, [0.25] * 3, {}),
             model,
         )
-        print(f"{args.model} not found: using an untrained MicronNet (speed only)")
-    port = 18000 + os.getpid() % 1000
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gtsrb.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--port",
-            str(port),
-            "--inference",
-            args.inference,
-            "--max-batch",
-            "64",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+        print(f"{args.model} not found: using an untrained {ARCH} (speed only)")
+    server, url = start(model, args.inference)
     try:
-        wait_ready(url, timeout=120, proc=server)
         pngs = [sign_png(i) for i in range(64)]
         single = [
             burst(url + "/predict", lambda i: ({"file": ("s.png", pngs[i % 64])}, 1), c, args.seconds)

@@ -78,6 +78,8 @@ def test_repro_end_to_end(dvc_repo, params):
         assert r["images"] == 43 * 5 and len(r["per_class_accuracy"]) == 43
         assert "Name" in (m / f"test-{backend}/profile.txt").read_text()
     assert runs["openblas"]["runtime"]["onednn_enabled"] is False
+    for r in runs.values():  # params.yaml's path ran on both backends, with no fallback
+        assert (r["runtime"]["inference_path"], r["runtime"]["fallback"]) == ("compile", "")
     assert runs["acl"]["runtime"]["conv_kernel"] == "aten::mkldnn_convolution"
     assert runs["openblas"]["runtime"]["conv_kernel"] != "aten::mkldnn_convolution"
 

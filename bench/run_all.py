@@ -1,0 +1,565 @@
+"""Every performance figure of the project in one run, each next to its baseline from this run.
+
+    python bench/run_all.py [--repeats 3] [--out bench]
+
+Writes ``results.json`` (every run's numbers) and ``results.md`` (the table in README.md):
+medians of ``--repeats`` runs with their min-max spread. About 12 minutes on 2 cores.
+
+1. Inference at batch 64 and 1: the learning path's eager code (a fresh process, NCHW, the
+   model as trained, nothing tuned: how its test script runs) against the path `gtsrb evaluate`
+   and `gtsrb serve` use, each in its own fresh process, rounds interleaved; and whether the
+   optimised path predicts the test set exactly as eager does.
+2. The default model against the learning path's network: test accuracy, optimised speed.
+3. Training: the learning path's recipe (traffic_sign_net, batch 1, 2 epochs, Adam) against
+   ours on the same synthetic data; the time our recipe takes to reach the accuracy the seed
+   recipe ends with (test accuracy probed every 10 steps, probe time not counted), and our
+   images/s per epoch with 1 and 2 threads.
+4. The server: /predict at concurrency 8 and /predict/batch (64 images) at concurrency 2,
+   loaded by wrk (the Python load generator of serve_load.py if wrk is missing), against the
+   bare model's batch-1 and batch-64 throughput through the server's own Predictor.
+5. `dvc repro` with nothing changed, in a temp repo holding the pipeline; prepare's decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import serve_load
+from gtsrb import models
+from gtsrb import params as P
+from gtsrb.evaluate import scores
+from gtsrb.prepare import load_split, prepare
+from gtsrb.serve import Predictor, Settings
+from gtsrb.synthetic import write_archives
+from gtsrb.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE_EVERY = 10  # steps between test-accuracy probes of our recipe (~0.2 s of training)
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# 1-2. Inference, one fresh process per measurement -------------------------------------------
+
+
+def inference_child(ckpt_path: str, path: str, test_path: str) -> None:
+    """Run in a fresh process: predict the test set in batches of 64 (as the learning path's test
+    loader does), compare with eager's predictions, then time batch 64 and batch 1."""
+    import warnings
+
+    from torch.utils import benchmark
+
+    from gtsrb import inference
+
+    warnings.filterwarnings("ignore")
+    model, ckpt = models.load_checkpoint(ckpt_path)
+    test = load_split(test_path)
+    # NCHW batches of 64, as the learning path's loader makes them: no temporary of the whole
+    # set, which would raise glibc's mmap threshold and hand eager the allocator fix for free
+    images = torch.from_numpy(test["images"])
+    x = torch.cat([models.preprocess(images[i : i + 64], ckpt) for i in range(0, len(images), 64)])
+    if path == "learning path":
+        fn, ran = model, "eager"  # as trained, NCHW, nothing tuned
+    else:
+        fn, ran, fallback = inference.optimize(model, path, x[:64])
+        assert not fallback, fallback
+    with torch.inference_mode():
+        expected = torch.cat([model(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
+        got = torch.cat([fn(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
+    out = {"path": ran, "same_predictions": int((got == expected).sum()), "images": len(x)}
+    for batch in (64, 1):
+        xb = x[:batch].clone()
+
+        @torch.inference_mode()
+        def run(xb=xb):
+            return fn(xb)
+
+        for _ in range(10):
+            run()
+        timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
+        out[f"batch_{batch}_ms"] = timer.blocked_autorange(min_run_time=1.5).median * 1e3
+    print(json.dumps(out))
+
+
+def inference_runs(cases: dict[str, tuple[Path, str]], test_path: Path, repeats: int) -> dict:
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
+    for r in range(repeats):
+        for name, (ckpt, path) in cases.items():  # interleaved rounds: drift hits every case alike
+            log(f"inference round {r + 1}/{repeats}: {name}")
+            out = subprocess.run(
+                [sys.executable, __file__, "--inference-child", str(ckpt), path, str(test_path)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+    return {
+        name: {
+            "path": rs[0]["path"],
+            "same_predictions": min(x["same_predictions"] for x in rs),
+            "images": rs[0]["images"],
+            "batch_64_ms": spread([x["batch_64_ms"] for x in rs]),
+            "batch_1_ms": spread([x["batch_1_ms"] for x in rs]),
+        }
+        for name, rs in runs.items()
+    }
+
+
+# 3. Training -------------------------------------------------------------------------------
+
+
+def seed_recipe(ours: P.TrainParams) -> P.TrainParams:
+    """The learning path's recipe: traffic_sign_net, batch 1, 2 epochs, Adam 1e-3, nothing else."""
+    return dataclasses.replace(
+        ours,
+        arch="traffic_sign_net",
+        epochs=2,
+        batch_size=1,
+        optimizer="adam",
+        lr=1e-3,
+        schedule="constant",
+        weight_decay=0.0,
+        dropout=0.0,
+        augment=0.0,
+    )
+
+
+def training_runs(prepared: Path, out: Path, repeats: int) -> dict:
+    ours = P.load("train", ROOT / "params.yaml")
+    test = load_split(prepared / "test.npz")
+    images, labels = torch.from_numpy(test["images"]), test["labels"]
+    train_images = torch.from_numpy(load_split(prepared / "train.npz")["images"]).float().div_(255)
+    mean, std = train_images.mean(dim=(0, 1, 2)), train_images.std(dim=(0, 1, 2)).clamp_min(1e-3)
+    del train_images
+
+    def accuracy(model) -> float:
+        with torch.inference_mode():
+            x = models.standardize(models.to_unit(images), mean, std)
+            predicted = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+        return scores(labels, predicted.numpy())["accuracy"]
+
+    def run(name: str, recipe: P.TrainParams, every: int) -> dict:
+        curve: list[tuple[float, float]] = []
+        result = train(
+            prepared,
+            out / name / "model.pt",
+            out / name / "live",
+            recipe,
+            probe=lambda model, seconds: curve.append((seconds, accuracy(model))),
+            probe_every=every,
+        )
+        return {"seconds": result["seconds"], "images_per_s": result["images_per_s"], "curve": curve}
+
+    seed = dataclasses.replace(seed_recipe(ours), threads=2)
+    recipes = {
+        "seed": (seed, 10**9),  # probed once, at the end
+        "ours": (dataclasses.replace(ours, threads=2), PROBE_EVERY),
+        "ours, 1 thread": (dataclasses.replace(ours, threads=1), 10**9),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in recipes}
+    for r in range(repeats):
+        for name, (recipe, every) in recipes.items():
+            log(f"training round {r + 1}/{repeats}: {name} recipe ({recipe.arch}, {recipe.threads} threads)")
+            runs[name].append(run(name, recipe, every))
+    torch.set_num_threads(os.cpu_count() or 1)
+    seed_accuracy = statistics.median(x["curve"][-1][1] for x in runs["seed"])
+    reached = [next((s for s, a in x["curve"] if a >= seed_accuracy), None) for x in runs["ours"]]
+    return {
+        "seed_recipe": P.as_dict(seed),
+        "our_recipe": P.as_dict(ours),
+        "seed": {
+            "seconds": spread([x["seconds"] for x in runs["seed"]]),
+            "test_accuracy": spread([x["curve"][-1][1] for x in runs["seed"]]),
+        },
+        "ours": {
+            "seconds": spread([x["seconds"] for x in runs["ours"]]),
+            "test_accuracy": spread([x["curve"][-1][1] for x in runs["ours"]]),
+            "seconds_to_seed_accuracy": spread([s if s is not None else float("inf") for s in reached]),
+            "curves": [x["curve"] for x in runs["ours"]],
+        },
+        "images_per_s_per_epoch": {
+            "2 threads": spread([statistics.median(x["images_per_s"]) for x in runs["ours"]]),
+            "1 thread": spread([statistics.median(x["images_per_s"]) for x in runs["ours, 1 thread"]]),
+        },
+        "checkpoints": {"seed": str(out / "seed" / "model.pt"), "ours": str(out / "ours" / "model.pt")},
+    }
+
+
+# 4. Server ---------------------------------------------------------------------------------
+
+
+def server_runs(model: Path, repeats: int, seconds: float) -> dict:
+    pngs = [serve_load.sign_png(i) for i in range(64)]
+    single, batch = serve_load.multipart("file", pngs[:1]), serve_load.multipart("files", pngs)
+    use_wrk = shutil.which("wrk") is not None
+    files = [("files", (f"{i}.png", p)) for i, p in enumerate(pngs)]
+    server, url = serve_load.start(model, "compile")
+    rows: dict[str, list[dict]] = {"predict": [], "predict_batch": []}
+    try:
+        for r in range(repeats):
+            log(f"server round {r + 1}/{repeats} ({'wrk' if use_wrk else 'Python clients'})")
+            if use_wrk:
+                rows["predict"].append(serve_load.wrk_burst(url + "/predict", *single, 8, seconds, 1))
+                rows["predict_batch"].append(
+                    serve_load.wrk_burst(url + "/predict/batch", *batch, 2, seconds, 64)
+                )
+            else:
+                rows["predict"].append(
+                    serve_load.burst(
+                        url + "/predict", lambda i: ({"file": ("s.png", pngs[0])}, 1), 8, seconds
+                    )
+                )
+                rows["predict_batch"].append(
+                    serve_load.burst(url + "/predict/batch", lambda i: (files, 64), 2, seconds)
+                )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    empty = []
+    if use_wrk:  # the same upload to an endpoint that does nothing: what FastAPI itself costs
+        port = serve_load.free_port()
+        cmd = [sys.executable, "-m", "uvicorn", "empty_app:app", "--app-dir", str(ROOT / "bench")]
+        stack = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"])
+        try:
+            serve_load.wait_ready(f"http://127.0.0.1:{port}", timeout=60, proc=stack)
+            for _ in range(repeats):
+                burst = serve_load.wrk_burst(f"http://127.0.0.1:{port}/predict", *single, 8, seconds, 1)
+                empty.append(burst["requests_per_s"])
+        finally:
+            stack.terminate()
+            stack.wait(timeout=30)
+    predictor = Predictor.load(Settings(model=str(model), inference="compile"))
+    bare = {"batch_1": [], "batch_64": []}
+    for _ in range(repeats):
+        bare["batch_1"].append(serve_load.bare(predictor, 1, seconds / 2))
+        bare["batch_64"].append(serve_load.bare(predictor, 64, seconds / 2))
+    return {
+        "load_generator": "wrk" if use_wrk else "python",
+        "inference_path": predictor.path,
+        "predict_c8": {
+            "requests_per_s": spread([x["requests_per_s"] for x in rows["predict"]]),
+            "p99_ms": spread([x["p99_ms"] for x in rows["predict"]]),
+            "errors": sum(x["errors"] for x in rows["predict"]),
+        },
+        "predict_batch_64_c2": {
+            "images_per_s": spread([x["images_per_s"] for x in rows["predict_batch"]]),
+            "p99_ms": spread([x["p99_ms"] for x in rows["predict_batch"]]),
+            "errors": sum(x["errors"] for x in rows["predict_batch"]),
+        },
+        "bare_images_per_s": {k: spread(v) for k, v in bare.items()},
+        "empty_fastapi_predict_c8": {"requests_per_s": spread(empty)} if empty else None,
+    }
+
+
+# 5. dvc repro no-op, prepare ---------------------------------------------------------------
+
+
+def dvc_noop(workdir: Path, repeats: int) -> dict:
+    """The whole pipeline on a small synthetic set in a temp repo, then `dvc repro` again."""
+    repo = workdir / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["fetch"]["source"] = "synthetic"
+    params["fetch"]["synthetic"].update(tracks_per_class=2, frames_per_track=5, test_per_class=2)
+    params["train"]["epochs"] = 1
+    params["evaluate"].update(min_run_time=0.2, inference="eager")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(workdir / "site")}
+
+    def sh(*cmd: str) -> str:
+        return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+
+    (repo / "data").mkdir()
+    (repo / "data" / ".gitignore").write_text("")
+    sh("git", "init", "-q", "-b", "main")
+    sh(
+        "git",
+        "-c",
+        "user.name=bench",
+        "-c",
+        "user.email=bench@localhost",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "0",
+    )
+    sh("dvc", "init", "-q")
+    log("dvc: the whole pipeline once, on a small synthetic set")
+    sh("dvc", "repro")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = sh("dvc", "repro")
+        times.append(time.perf_counter() - start)
+        assert "Running stage" not in out, out
+    return {"seconds": spread(times), "stages": 6}
+
+
+# Report ------------------------------------------------------------------------------------
+
+
+def fmt(s: dict, digits: int = 0, scale: float = 1.0) -> str:
+    return (
+        f"{s['median'] * scale:,.{digits}f} ({s['min'] * scale:,.{digits}f}-{s['max'] * scale:,.{digits}f})"
+    )
+
+
+def report(r: dict) -> str:
+    inf, tr, srv = r["inference"], r["training"], r["server"]
+    lp, ours_tsn, default = (
+        inf["traffic_sign_net, learning path"],
+        inf["traffic_sign_net, ours"],
+        inf["default, ours"],
+    )
+    tuned = inf["traffic_sign_net, eager + allocator"]
+    arch = r["default_arch"]
+    speed_up = lp["batch_64_ms"]["median"] / ours_tsn["batch_64_ms"]["median"]
+    b1 = lp["batch_1_ms"]["median"] / ours_tsn["batch_1_ms"]["median"]
+    default_ips = 64e3 / default["batch_64_ms"]["median"]
+    eager_ips = 64e3 / lp["batch_64_ms"]["median"]
+    acc_default, acc_seed = tr["ours"]["test_accuracy"]["median"], tr["seed"]["test_accuracy"]["median"]
+    reach = tr["ours"]["seconds_to_seed_accuracy"]["median"]
+    seed_s = tr["seed"]["seconds"]["median"]
+    p1 = srv["predict_c8"]["requests_per_s"]["median"] / srv["bare_images_per_s"]["batch_1"]["median"]
+    p64 = (
+        srv["predict_batch_64_c2"]["images_per_s"]["median"] / srv["bare_images_per_s"]["batch_64"]["median"]
+    )
+    noop = r["dvc"]["seconds"]["median"]
+    prep = r["prepare"]["images_per_s"]["2 workers"]["median"]
+
+    def met(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    rows = [
+        (
+            "1",
+            f"traffic_sign_net, batch 64, `{ours_tsn['path']}` path: ms",
+            fmt(ours_tsn["batch_64_ms"], 2),
+            f"learning path's eager, as its script runs: {fmt(lp['batch_64_ms'], 2)}",
+            f"{speed_up:.2f}x faster",
+            ">= 5x",
+            met(speed_up >= 5),
+        ),
+        (
+            "1",
+            "same model and batch, against eager at its best (freed buffers kept in the heap): ms",
+            fmt(ours_tsn["batch_64_ms"], 2),
+            f"eager + `tune_allocator`: {fmt(tuned['batch_64_ms'], 2)}",
+            f"{tuned['batch_64_ms']['median'] / ours_tsn['batch_64_ms']['median']:.2f}x faster",
+            ">= 5x",
+            met(tuned["batch_64_ms"]["median"] / ours_tsn["batch_64_ms"]["median"] >= 5),
+        ),
+        (
+            "1",
+            "same, batch 1: ms",
+            fmt(ours_tsn["batch_1_ms"], 3),
+            f"eager: {fmt(lp['batch_1_ms'], 3)}",
+            f"{b1:.2f}x faster",
+            "no slower",
+            met(b1 >= 1),
+        ),
+        (
+            "1",
+            "test-set predictions equal to eager's",
+            f"{ours_tsn['same_predictions']:,} / {ours_tsn['images']:,}",
+            "",
+            "",
+            "all",
+            met(ours_tsn["same_predictions"] == ours_tsn["images"]),
+        ),
+        (
+            "2",
+            f"default model ({arch}) test accuracy",
+            fmt(tr["ours"]["test_accuracy"], 3),
+            f"traffic_sign_net, seed recipe: {fmt(tr['seed']['test_accuracy'], 3)}",
+            f"{100 * (acc_default - acc_seed):+.1f} points",
+            "higher",
+            met(acc_default > acc_seed),
+        ),
+        (
+            "2",
+            f"{arch}, batch 64, `{default['path']}`: images/s",
+            f"{default_ips:,.0f}",
+            f"traffic_sign_net eager: {eager_ips:,.0f}",
+            f"{default_ips / eager_ips:.2f}x",
+            ">= 1x",
+            met(default_ips >= eager_ips),
+        ),
+        (
+            "3",
+            "training time to the seed recipe's final test accuracy: s",
+            fmt(tr["ours"]["seconds_to_seed_accuracy"], 1),
+            f"seed recipe's wall time: {fmt(tr['seed']['seconds'], 1)}",
+            f"{seed_s / reach:.1f}x sooner",
+            ">= 10x",
+            met(seed_s / reach >= 10),
+        ),
+        (
+            "3",
+            "our recipe, training images/s per epoch, 2 threads / 1 thread",
+            f"{fmt(tr['images_per_s_per_epoch']['2 threads'])} / {fmt(tr['images_per_s_per_epoch']['1 thread'])}",
+            "",
+            f"{tr['images_per_s_per_epoch']['2 threads']['median'] / tr['images_per_s_per_epoch']['1 thread']['median']:.2f}x",
+            "reported",
+            "yes",
+        ),
+        (
+            "4",
+            f"/predict, concurrency 8: requests/s ({srv['predict_c8']['errors']} errors)",
+            fmt(srv["predict_c8"]["requests_per_s"]),
+            f"bare model, batch 1: {fmt(srv['bare_images_per_s']['batch_1'])}",
+            f"{p1:.0%}",
+            ">= 60%",
+            met(p1 >= 0.6 and srv["predict_c8"]["errors"] == 0),
+        ),
+        *(
+            [
+                (
+                    "4",
+                    "reference: FastAPI endpoint taking the same upload and doing nothing: requests/s",
+                    fmt(srv["empty_fastapi_predict_c8"]["requests_per_s"]),
+                    f"bare model, batch 1: {fmt(srv['bare_images_per_s']['batch_1'])}",
+                    f"{srv['empty_fastapi_predict_c8']['requests_per_s']['median'] / srv['bare_images_per_s']['batch_1']['median']:.0%}",
+                    "",
+                    "",
+                ),
+            ]
+            if srv["empty_fastapi_predict_c8"]
+            else []
+        ),
+        (
+            "4",
+            f"/predict/batch, 64 images, concurrency 2: images/s ({srv['predict_batch_64_c2']['errors']} errors)",
+            fmt(srv["predict_batch_64_c2"]["images_per_s"]),
+            f"bare model, batch 64: {fmt(srv['bare_images_per_s']['batch_64'])}",
+            f"{p64:.0%}",
+            ">= 50%",
+            met(p64 >= 0.5 and srv["predict_batch_64_c2"]["errors"] == 0),
+        ),
+        (
+            "5",
+            "`dvc repro` with nothing changed (6 stages): s",
+            fmt(r["dvc"]["seconds"], 2),
+            "",
+            "",
+            "< 3 s",
+            met(noop < 3),
+        ),
+        (
+            "5",
+            "prepare decoding, 2 workers: images/s",
+            fmt(r["prepare"]["images_per_s"]["2 workers"]),
+            f"1 worker: {fmt(r['prepare']['images_per_s']['1 worker'])}",
+            f"{prep / r['prepare']['images_per_s']['1 worker']['median']:.2f}x",
+            ">= 2,000",
+            met(prep >= 2000),
+        ),
+    ]
+    m = r["machine"]
+    lines = [
+        f"Measured {r['date']} on {m['cpus']} CPUs ({m['machine']}), torch {m['torch']}, "
+        f"{r['repeats']} runs each: median (min-max). Server load from {srv['load_generator']}.",
+        "",
+        "| target | figure | ours | baseline (same run) | ratio | goal | met |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--inference-child":
+        return inference_child(*sys.argv[2:5])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench")
+    ap.add_argument("--server-seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": args.repeats,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fetch, prep = P.load("fetch", ROOT / "params.yaml"), P.load("prepare", ROOT / "params.yaml")
+        log("data: the default synthetic set")
+        (tmp / "raw").mkdir()
+        write_archives(tmp / "raw", fetch.archives, fetch.synthetic)
+        prepare(tmp / "raw", tmp / "prepared", tmp / "data.json", fetch.archives, prep)
+
+        results["training"] = training_runs(tmp / "prepared", tmp / "train", args.repeats)
+        ckpts = results["training"].pop("checkpoints")
+        results["default_arch"] = P.load("train", ROOT / "params.yaml").arch
+        cases = {
+            "traffic_sign_net, learning path": (ckpts["seed"], "learning path"),
+            "traffic_sign_net, eager + allocator": (ckpts["seed"], "eager"),
+            "traffic_sign_net, ours": (ckpts["seed"], "compile"),
+            "default, ours": (ckpts["ours"], "compile"),
+        }
+        results["inference"] = inference_runs(cases, tmp / "prepared" / "test.npz", args.repeats)
+        results["server"] = server_runs(Path(ckpts["ours"]), args.repeats, args.server_seconds)
+        results["dvc"] = dvc_noop(tmp, args.repeats)
+    log("prepare decoding")  # in its own process: spawned workers re-import the main module
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "prepare_throughput.py"),
+            "--repeats",
+            str(args.repeats),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rates = json.loads(out.strip().splitlines()[-1])
+    results["prepare"] = {
+        "images": rates["images"],
+        "images_per_s": {"1 worker": spread(rates["1"]), "2 workers": spread(rates["2"])},
+    }
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = report(results)
+    (args.out / "results.md").write_text(
+        "# Benchmarks\n\n`python bench/run_all.py` (see its docstring for what each figure is).\n\n" + table
+    )
+    print(table)
+    log(f"done in {results['seconds']:.0f} s: {args.out / 'results.md'}, {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
