@@ -10,7 +10,7 @@ Both optimised paths also
 - use channels-last (NHWC-strided) tensors where oneDNN runs the convolutions, its fast layout;
 - skip input rows and columns the output never sees (``models.used_input_side``: the learning
   path's net ignores the last 2 of 32, and its second conv computes a row that pooling drops):
-  15% fewer multiply-adds, the same logits;
+  13% fewer multiply-adds, the same logits;
 - keep freed activation buffers in the process heap (``tune_allocator``).
 
 The eager path is left exactly as trained, as the baseline. A path that cannot run here falls

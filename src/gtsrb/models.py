@@ -115,7 +115,7 @@ class FastSignNet(nn.Module):
 
     68k parameters and about 2.8 MMAC per 32 x 32 image (the baseline 4.2, MicronNet 6.4):
     padded convolutions keep the border, pooling early keeps the work small, and batch norm
-    lets it train at a high learning rate. It trains 3x faster per image than MicronNet and
+    lets it train at a high learning rate. It trains 2.7x faster per image than MicronNet and
     reaches a higher test accuracy on the synthetic set (README, Benchmarks).
     """
 

@@ -9,7 +9,8 @@
   ``GET /docs`` and ``/openapi.json``.
 
 Inference runs in one dedicated thread; decoding too, unless the request's images are small
-(up to 256 x 256 pixels in all), which decode faster on the event loop than a thread hop takes. Bad input gets a 4xx with a reason, never a 500: empty, not an image, truncated,
+(up to 256 x 256 pixels in all), which decode faster on the event loop than a thread hop
+takes. Bad input gets a 4xx with a reason, never a 500: empty, not an image, truncated,
 oversized upload (413), too many pixels (413), too many files (413).
 """
 

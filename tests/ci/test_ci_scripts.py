@@ -21,6 +21,8 @@ from tests.conftest import ROOT, run, use_remote, write_params
 from tests.pipeline.test_remote import tiny
 
 GOLDEN = ROOT / "tests" / "golden"
+# the PR keeps params.yaml's learning rate: a first PR then shows no parameter change
+PR_LR = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["lr"]
 
 
 class FakeGitHubComments:
@@ -145,7 +147,7 @@ def test_report_from_two_revisions_matches_the_golden_file(dvc_repo, case, githu
         write_metrics(dvc_repo, 0.91, 0.001, [0.5, 0.8, 0.9], 12.5)
         commit(dvc_repo, "base")
     run(["git", "branch", "base"], dvc_repo)  # the first PR's base has no metrics at all
-    write_metrics(dvc_repo, 0.97, 0.004, [0.6, 0.9, 0.95, 0.97], 10.0)
+    write_metrics(dvc_repo, 0.97, PR_LR, [0.6, 0.9, 0.95, 0.97], 10.0)
     body = ci.build_report(dvc_repo, "base")
     golden = GOLDEN / f"pr_comment_{case}.md"
     if os.environ.get("UPDATE_GOLDEN"):

@@ -189,7 +189,8 @@ def test_image_labels_name_the_model_and_revision(image):
     assert labels["org.opencontainers.image.revision"] == image.revision
     assert labels["org.opencontainers.image.title"] and labels["org.opencontainers.image.licenses"]
     assert "8000/tcp" in config["ExposedPorts"] and config["User"] == "10001:10001"
-    assert config["Cmd"] == ["gtsrb", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    # jit: the image has no C++ compiler for torch.compile (see the Dockerfile)
+    assert config["Cmd"] == ["gtsrb", "serve", "--host", "0.0.0.0", "--port", "8000", "--inference", "jit"]
     assert "GTSRB_MODEL=/app/model.pt" in config["Env"]
 
 
@@ -203,6 +204,8 @@ def test_container_serves_predictions(container):
     assert body["class_id"] in range(43) and 0 <= body["probability"] <= 1
     assert body["class_name"] and body["top_k"][0]["class_id"] == body["class_id"]
     assert body["model_version"] == MODEL_VERSION
+    runtime = httpx.get(container.url + "/model", timeout=5).json()["runtime"]
+    assert (runtime["inference_path"], runtime["fallback"]) == ("jit", "")
 
 
 def test_server_does_not_run_as_root(container):
