@@ -145,7 +145,7 @@ def wrk_burst(
         "concurrency": connections,
         "requests": int(number(r"(\d+) requests in")),
         "requests_per_s": rps,
-        "images_per_s": rps * images,
+        "images_per_s": rps * images * (1 - errors / max(1, number(r"(\d+) requests in"))),
         "p50_ms": ms("50"),
         "p99_ms": ms("99"),
         "errors": int(errors),

@@ -80,9 +80,21 @@ def _prepare(model: nn.Module, example: torch.Tensor) -> _Prepared:
     return _Prepared(copy.deepcopy(model).to(memory_format=layout), side, layout).eval()
 
 
+def _checked(fn: Callable, side: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` for ``side`` x ``side`` inputs only: the crop is fixed, a traced graph checks nothing."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (side, side):
+            raise ValueError(f"expected {side} x {side} images, got {tuple(x.shape[-2:])}")
+        return fn(x)
+
+    return run
+
+
 def _jit(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     with torch.inference_mode(False), torch.no_grad():
-        return torch.jit.freeze(torch.jit.trace(_prepare(model, example), example, check_trace=False))
+        traced = torch.jit.freeze(torch.jit.trace(_prepare(model, example), example, check_trace=False))
+    return _checked(traced, example.shape[-1])
 
 
 def _compile(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -93,10 +105,7 @@ def _compile(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor]
         compiled(example[:1].repeat(SMALL_BATCH, 1, 1, 1))  # compile now: a missing compiler shows here
     small = _jit(model, example[:1])
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return small(x) if len(x) < SMALL_BATCH else compiled(x)
-
-    return run
+    return _checked(lambda x: small(x) if len(x) < SMALL_BATCH else compiled(x), example.shape[-1])
 
 
 def optimize(model: nn.Module, path: str, example: torch.Tensor) -> tuple[Callable, str, str]:

@@ -73,7 +73,10 @@ def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
 def _scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps: int):
     if p.schedule == "onecycle" and steps >= 8:  # shorter runs cannot ramp up and down
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=p.lr, total_steps=steps, pct_start=max(p.warmup, 1 / steps)
+            opt,
+            max_lr=p.lr,
+            total_steps=steps,
+            pct_start=max(p.warmup, 2 / steps),  # >= 2 steps up
         )
     if p.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -123,6 +126,8 @@ def train(
     from dvclive import Live
 
     check(p)
+    if probe is not None and probe_every < 1:
+        raise ValueError(f"probe_every must be 1 or more with a probe, got {probe_every}")
     prepared = Path(prepared)
     train_split, val_split = load_split(prepared / "train.npz"), load_split(prepared / "val.npz")
     threads = set_threads(p.threads)

@@ -41,6 +41,15 @@ def test_compile_serves_small_batches_from_the_frozen_graph_and_any_batch_size(f
             torch.testing.assert_close(fn(fixed_batch[:n]), model(fixed_batch[:n]), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("path", ["jit", "compile"])
+def test_optimised_paths_refuse_another_image_size(path, fixed_batch):
+    """The crop is fixed when the graph is built: a 40 px batch must not be cut to 30 px."""
+    fn, used, _ = inference.optimize(models.build("traffic_sign_net").eval(), path, fixed_batch)
+    assert used == path
+    with pytest.raises(ValueError, match=r"expected 32 x 32 images, got \(40, 40\)"), torch.inference_mode():
+        fn(torch.zeros(64, 3, 40, 40))
+
+
 def test_allocator_tuning_is_reported():
     """glibc here: the call must succeed, and a second call changes nothing."""
     assert inference.tune_allocator() == "glibc heap keeps freed buffers"

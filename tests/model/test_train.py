@@ -53,6 +53,20 @@ def test_same_seed_same_weights(tmp_path):
     assert not all(torch.equal(weights[0][k], other[k]) for k in other)
 
 
+@pytest.mark.parametrize("warmup", [0.0, 0.1, 0.9])
+@pytest.mark.parametrize("steps", [8, 9, 10])
+def test_one_cycle_warm_up_of_any_length_trains(tmp_path, warmup, steps):
+    """warmup x steps <= 1 once left OneCycleLR a warm-up of zero steps: 0/0."""
+    write_prepared(tmp_path / "prepared", n=8 * steps)
+    out = train(
+        tmp_path / "prepared",
+        tmp_path / "m.pt",
+        tmp_path / "live",
+        train_params(epochs=1, batch_size=8, schedule="onecycle", warmup=warmup),
+    )
+    assert 0 <= out["val/acc"] <= 1
+
+
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
 def test_every_schedule_runs_even_for_two_steps(tmp_path, schedule):
     write_prepared(tmp_path / "prepared", n=64)
