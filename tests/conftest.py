@@ -133,7 +133,12 @@ def dvc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
 @pytest.fixture
 def dvc_repo(tmp_path: Path, dvc_env: dict, params: dict) -> Path:
     """A fresh git+DVC repo holding the project's pipeline (dvc.yaml, params, stage code)."""
-    repo = tmp_path / "repo"
+    return make_pipeline_repo(tmp_path / "repo", params)
+
+
+def make_pipeline_repo(repo: Path, params: dict, env: dict | None = None) -> Path:
+    """The project's pipeline (dvc.yaml, ``params``, stage code) in a new git+DVC repo, committed;
+    also used by bench/run_all.py. ``env`` must let git commit (an author) if the caller's can't."""
     repo.mkdir()
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
@@ -141,11 +146,11 @@ def dvc_repo(tmp_path: Path, dvc_env: dict, params: dict) -> Path:
     (repo / "data").mkdir()
     (repo / "data" / ".gitignore").write_text("")
     write_params(repo / "params.yaml", params)
-    run(["git", "init", "-q", "-b", "main"], repo)
-    run(["dvc", "init", "-q"], repo)
-    run(["dvc", "config", "core.analytics", "false"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "pipeline"], repo)
+    run(["git", "init", "-q", "-b", "main"], repo, env=env)
+    run(["dvc", "init", "-q"], repo, env=env)
+    run(["dvc", "config", "core.analytics", "false"], repo, env=env)
+    run(["git", "add", "-A"], repo, env=env)
+    run(["git", "commit", "-q", "-m", "pipeline"], repo, env=env)
     return repo
 
 

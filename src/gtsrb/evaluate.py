@@ -59,6 +59,12 @@ def scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
     }
 
 
+def predict(fn, x: torch.Tensor, batch: int = PREDICT_BATCH) -> torch.Tensor:
+    """The class ``fn`` predicts for each image of ``x``, ``batch`` images at a time."""
+    with torch.inference_mode():
+        return torch.cat([fn(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
 def latency(fn, x: torch.Tensor, min_run_time: float, warmup: int, threads: int) -> tuple[dict, list[float]]:
     """Time ``fn(x)`` with torch.utils.benchmark after ``warmup`` calls; summary and raw times."""
 
@@ -132,11 +138,7 @@ def evaluate(
     with torch.inference_mode():
         fn(x[:1])
     first = time.perf_counter()
-    with torch.inference_mode():
-        predicted = torch.cat(
-            [fn(x[i : i + PREDICT_BATCH]).argmax(1) for i in range(0, len(x), PREDICT_BATCH)]
-        )
-    labels, predicted = test["labels"], predicted.numpy()
+    labels, predicted = test["labels"], predict(fn, x).numpy()
     metrics = scores(labels, predicted)
     metrics["latency"], raw = {}, {}
     for bs in p.batch_sizes:

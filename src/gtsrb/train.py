@@ -104,6 +104,12 @@ def evaluate_split(
     return loss / max(1, len(labels)), correct / max(1, len(labels))
 
 
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 NHWC ``images`` in [0, 1]: the model's normalisation."""
+    unit = images.float().div_(255)
+    return unit.mean(dim=(0, 1, 2)), unit.std(dim=(0, 1, 2)).clamp_min(1e-3)
+
+
 def check(p: TrainParams) -> None:
     if p.batch_size < 2 and p.arch != "traffic_sign_net":
         raise ParamsError(f"train.batch_size: {p.arch} has batch norm, which needs batches of 2 or more")
@@ -139,9 +145,7 @@ def train(
     y = torch.from_numpy(train_split["labels"])
     xv, yv = torch.from_numpy(val_split["images"]), torch.from_numpy(val_split["labels"])
     image_size = x.shape[1]
-    unit = x.float().div_(255)
-    mean, std = unit.mean(dim=(0, 1, 2)), unit.std(dim=(0, 1, 2)).clamp_min(1e-3)
-    del unit
+    mean, std = channel_stats(x)
 
     layout = backends.conv_layout()  # channels-last where oneDNN trains: ~20% faster here
     model = models.build(p.arch, image_size, p.dropout).to(memory_format=layout)
