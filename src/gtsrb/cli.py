@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_batch=args.max_batch,
     )
-    serve(settings, args.host, args.port)
+    serve(settings, args.host, args.port, access_log=args.access_log)
 
 
 def cmd_ci_report(args: argparse.Namespace) -> None:
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default: 10)")
     p.add_argument("--max-batch", type=int, default=64, help="most images per /predict/batch (default: 64)")
+    p.add_argument(
+        "--access-log", action="store_true", help="log every request (off: /metrics counts them, ~10%% faster)"
+    )
     return parser
 
 

@@ -121,6 +121,22 @@ def test_wrong_content_type_and_params(server):
     assert r.status_code == 422 and "outside the 20x20 image" in r.json()["detail"]
 
 
+def test_any_multipart_form_works_the_same(server):
+    """Plain uploads take the server's quick split; a form with a text field too, Starlette's parser."""
+    image = png()
+    plain = post(server, image).json()
+    with_text = httpx.post(server.url + "/predict", files={"file": ("s.png", image)}, data={"note": "x"})
+    assert with_text.status_code == 200 and with_text.json() == plain
+    as_text = httpx.post(server.url + "/predict", data={"file": "text"}, files={"other": ("o.png", image)})
+    assert as_text.status_code == 422 and "must be a file upload" in as_text.json()["detail"]
+    urlencoded = httpx.post(server.url + "/predict", data={"file": "text"})
+    assert urlencoded.status_code == 422 and "as multipart/form-data" in urlencoded.json()["detail"]
+    missing = httpx.post(server.url + "/predict", files={"image": ("s.png", image)})
+    assert missing.status_code == 422 and "no file in field 'file'" in missing.json()["detail"]
+    two = httpx.post(server.url + "/predict", files=[("file", ("a.png", image)), ("file", ("b.png", image))])
+    assert two.status_code == 422 and "use /predict/batch" in two.json()["detail"]
+
+
 def test_too_many_files_in_a_batch(server):
     files = [("files", (f"{i}.png", png())) for i in range(5)]
     r = httpx.post(server.url + "/predict/batch", files=files, timeout=30)

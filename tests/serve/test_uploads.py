@@ -1,0 +1,122 @@
+"""The server's own upload splitting and micro-batching, against Starlette's parser and real threads."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from starlette.requests import Request
+
+from gtsrb.serve import Batcher, split_form
+from tests.serve.conftest import png
+
+TRICKY = b"\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) + b"\r\n"
+
+
+def encoded(files, data=None) -> tuple[bytes, bytes]:
+    """A multipart body and content type exactly as httpx sends them."""
+    request = httpx.Request("POST", "http://x/", files=files, data=data)
+    return request.read(), request.headers["content-type"].encode()
+
+
+def starlette_parts(body: bytes, content_type: bytes) -> list[tuple[str, str, bytes]]:
+    """The same body through Starlette's full parser (what FastAPI's File() uses)."""
+
+    async def parse():
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            chunk, sent = (b"" if sent else body), True
+            return {"type": "http.request", "body": chunk, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-type", content_type)]}
+        async with Request(scope, receive).form() as form:
+            return [(k, v.filename, await v.read()) for k, v in form.multi_items()]
+
+    return asyncio.run(parse())
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"file": ("sign.png", png())},
+        {"file": ("tricky.bin", TRICKY)},
+        {"file": ("empty.png", b"")},
+        [("files", (f"{i}.png", png(color=(i, 2 * i, 3 * i)))) for i in range(5)],
+        [("files", ("a b;c.png", png())), ("other", ("x.jpg", TRICKY))],
+    ],
+    ids=["one", "boundary-like bytes", "empty", "five", "two fields"],
+)
+def test_split_form_agrees_with_starlette(files):
+    body, content_type = encoded(files)
+    assert split_form(body, content_type) == starlette_parts(body, content_type)
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (encoded({"file": ("s.png", png())}, data={"note": "text"})),  # a text field: no filename
+        (
+            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''%C3%A9.png\r\n\r\nx\r\n--b--\r\n",
+            b"multipart/form-data; boundary=b",
+        ),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\nContent-Transfer-Encoding: base64\r\n\r\neA==\r\n--b--\r\n',
+            b"multipart/form-data; boundary=b",
+        ),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n\r\nx\r\n',
+            b"multipart/form-data; boundary=b",
+        ),  # no end
+        (b"--b--\r\n", b"multipart/form-data; boundary=b"),  # no part
+        (b"x", b"multipart/form-data"),  # no boundary
+        (b'{"image": 1}', b"application/json"),
+    ],
+    ids=["text field", "RFC 2231 filename", "other header", "unterminated", "no part", "no boundary", "json"],
+)
+def test_split_form_leaves_anything_unusual_to_starlette(body, content_type):
+    assert split_form(body, content_type) is None
+
+
+def test_batcher_groups_waiting_requests_and_keeps_each_ones_rows():
+    calls, gate = [], threading.Event()
+
+    def model(images):
+        gate.wait(5)  # the first call holds the model thread while the others queue up
+        calls.append(len(images))
+        return images[:, 0, 0, :1].astype(np.float32)
+
+    async def run():
+        batcher = Batcher(model, ThreadPoolExecutor(1), limit=6)
+        requests = [np.full((n, 2, 2, 3), i, np.uint8) for i, n in enumerate([1, 2, 3, 1, 4])]
+        tasks = [asyncio.create_task(batcher(requests[0]))]
+        await asyncio.sleep(0.05)  # the model thread now runs the first request alone
+        tasks += [asyncio.create_task(batcher(r)) for r in requests[1:]]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return requests, await asyncio.gather(*tasks)
+
+    requests, results = asyncio.run(run())
+    for request, rows in zip(requests, results, strict=True):
+        assert rows.shape == (len(request), 1) and (rows == request[0, 0, 0, 0]).all()
+    assert calls == [1, 6, 4]  # those waiting meanwhile: 2 + 3 + 1 fill the limit of 6, then the 4
+
+
+def test_batcher_hands_a_model_error_to_every_waiting_request_and_goes_on():
+    def model(images):
+        if (images == 13).any():
+            raise RuntimeError("bad batch")
+        return images[:, 0, 0, :1].astype(np.float32)
+
+    async def run():
+        batcher = Batcher(model, ThreadPoolExecutor(1), limit=64)
+        together = [batcher(np.full((1, 2, 2, 3), v, np.uint8)) for v in (1, 13)]  # one call
+        failed = await asyncio.gather(*together, return_exceptions=True)
+        return failed, await batcher(np.full((1, 2, 2, 3), 7, np.uint8))
+
+    failed, after = asyncio.run(run())
+    assert [str(e) for e in failed] == ["bad batch", "bad batch"]
+    assert after[0, 0] == 7
