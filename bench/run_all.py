@@ -239,7 +239,8 @@ def server_runs(model: Path, repeats: int, seconds: float) -> dict:
         finally:
             stack.terminate()
             stack.wait(timeout=30)
-    predictor = Predictor.load(Settings(model=str(model), inference="compile"))
+    # the bare model at its best: one thread per core (the server gives the model one)
+    predictor = Predictor.load(Settings(model=str(model), inference="compile", threads=0))
     bare = {"batch_1": [], "batch_64": []}
     for _ in range(repeats):
         bare["batch_1"].append(serve_load.bare(predictor, 1, seconds / 2))
@@ -453,7 +454,8 @@ def report(r: dict) -> str:
     ]
     m = r["machine"]
     lines = [
-        f"Measured {r['date']} on {m['cpus']} CPUs ({m['machine']}), torch {m['torch']}, "
+        f"Measured {r['date']} on {m['cpus']} CPUs ({m.get('cpu', m['machine'])}, "
+        f"torch kernels {m.get('isa', '?')}), torch {m['torch']}, "
         f"{r['repeats']} runs each: median (min-max). Server load from {srv['load_generator']}.",
         "",
         "| target | figure | ours | baseline (same run) | ratio | goal | met |",
@@ -461,6 +463,17 @@ def report(r: dict) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def cpu_model() -> str:
+    """The CPU's name (from /proc/cpuinfo on Linux): timings differ a lot between kinds."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -478,6 +491,8 @@ def main() -> None:
         "machine": {
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
+            "cpu": cpu_model(),
+            "isa": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512: which kernels run
             "torch": torch.__version__,
             "python": platform.python_version(),
         },

@@ -211,7 +211,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    predictor = Predictor.load(Settings(model=str(model), inference=args.inference))
+    predictor = Predictor.load(Settings(model=str(model), inference=args.inference, threads=0))
     bare1, bare64 = bare(predictor, 1, args.seconds / 2), bare(predictor, 64, args.seconds / 2)
     print(f"bare model ({predictor.path}): {bare1:.0f} images/s at batch 1, {bare64:.0f} at batch 64")
     print("| endpoint | concurrency | requests/s | images/s | p50 ms | p99 ms | errors | vs bare |")

@@ -186,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="acl", help="(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = one per core (default: 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, 0 = one per core (default: 1, which leaves the other cores to HTTP and decoding)",
+    )
     p.add_argument(
         "--inference",
         choices=("eager", "jit", "compile"),
@@ -196,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default: 10)")
     p.add_argument("--max-batch", type=int, default=64, help="most images per /predict/batch (default: 64)")
     p.add_argument(
-        "--access-log", action="store_true", help="log every request (off: /metrics counts them, ~10%% faster)"
+        "--access-log",
+        action="store_true",
+        help="log every request (off: /metrics counts them, ~10%% faster)",
     )
     return parser
 

@@ -56,13 +56,15 @@ WARMUP_RUNS = 3
 # it runs on the event loop. The byte bound matters as much: a small image can hide a long file.
 INLINE_DECODE_PIXELS, INLINE_DECODE_BYTES = 256 * 256, 64 * 1024
 MULTIPART = "multipart/form-data"
+# With one model thread, forward passes of up to this many images (~1 ms) run on the event loop
+INLINE_BATCH = inference.SMALL_BATCH
 
 
 @dataclass(frozen=True)
 class Settings:
     model: str = "models/model.pt"
     backend: str = "acl"
-    threads: int = 0
+    threads: int = 1  # the event loop and decoding need the other cores
     inference: str = "compile"
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
@@ -223,47 +225,54 @@ def upload_schema(field: str, many: bool) -> dict:
 
 
 class Batcher:
-    """Runs ``fn`` (uint8 images -> per-image rows) on ``executor``, one call at a time: the
-    requests that arrive meanwhile wait and then share one call (at most ``limit`` images,
-    unless a single request brings more)."""
+    """Runs ``fn`` (uint8 images -> one row per image) one call at a time; the requests that
+    arrive meanwhile wait and then share the next call (at most ``limit`` images, unless a
+    single request brings more). Calls of up to ``inline`` images run on the event loop itself,
+    larger ones in ``executor``."""
 
-    def __init__(self, fn, executor: ThreadPoolExecutor, limit: int):
-        self.fn, self.executor, self.limit = fn, executor, limit
+    def __init__(self, fn, executor: ThreadPoolExecutor, limit: int, inline: int = 0):
+        self.fn, self.executor, self.limit, self.inline = fn, executor, limit, inline
         self.waiting: list[tuple[np.ndarray, asyncio.Future]] = []
         self.running, self.task = False, None
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
         self.waiting.append((images, future))
-        if not self.running:
+        if not self.running:  # the task starts after the requests already on the loop's queue
             self.running = True
             self.task = asyncio.get_running_loop().create_task(self._drain())  # a reference keeps it
         return await future
+
+    def _next_group(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+        take, size = 0, 0
+        while take < len(self.waiting) and (take == 0 or size + len(self.waiting[take][0]) <= self.limit):
+            size += len(self.waiting[take][0])
+            take += 1
+        group, self.waiting = self.waiting[:take], self.waiting[take:]
+        return group
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self.waiting:
-                take, size = 0, 0
-                while take < len(self.waiting) and (
-                    take == 0 or size + len(self.waiting[take][0]) <= self.limit
-                ):
-                    size += len(self.waiting[take][0])
-                    take += 1
-                group, self.waiting = self.waiting[:take], self.waiting[take:]
-                images = group[0][0] if take == 1 else np.concatenate([g[0] for g in group])
+                group = self._next_group()
+                images = group[0][0] if len(group) == 1 else np.concatenate([g[0] for g in group])
                 try:
-                    rows = await loop.run_in_executor(self.executor, self.fn, images)
-                except Exception as exc:  # every waiting request gets the model's error
+                    if len(images) <= self.inline:
+                        rows = self.fn(images)
+                    else:
+                        rows = await loop.run_in_executor(self.executor, self.fn, images)
+                except Exception as exc:  # every request of the group gets the model's error
                     for _, future in group:
                         if not future.done():
                             future.set_exception(exc)
-                    continue
-                start = 0
-                for part, future in group:
-                    if not future.done():  # a cancelled request (client gone) takes nothing
-                        future.set_result(rows[start : start + len(part)])
-                    start += len(part)
+                else:
+                    start = 0
+                    for part, future in group:
+                        if not future.done():  # a cancelled request (client gone) takes nothing
+                            future.set_result(rows[start : start + len(part)])
+                        start += len(part)
+                await asyncio.sleep(0)  # let the loop read the requests that came in meanwhile
         finally:
             self.running = False
 
@@ -384,7 +393,10 @@ def create_app(predictor: Predictor):
             if status >= 400:
                 errors.labels(endpoint, str(status)).inc()
 
-    batcher = Batcher(predictor.probabilities, model_thread, settings.max_batch)
+    # One model thread: small batches are cheaper on the event loop than a thread hop and
+    # the hand-offs of the GIL. With more, their pool would fight the event loop for the cores.
+    inline = INLINE_BATCH if predictor.runtime["threads"] == 1 else 0
+    batcher = Batcher(predictor.probabilities, model_thread, settings.max_batch, inline)
 
     def decode_all(items: list[tuple[str | None, bytes]], roi) -> np.ndarray:
         images = []

@@ -120,3 +120,22 @@ def test_batcher_hands_a_model_error_to_every_waiting_request_and_goes_on():
     failed, after = asyncio.run(run())
     assert [str(e) for e in failed] == ["bad batch", "bad batch"]
     assert after[0, 0] == 7
+
+
+def test_batcher_runs_small_groups_on_the_event_loop_and_large_ones_in_the_executor():
+    ran_on = []
+
+    def model(images):
+        ran_on.append((len(images), threading.current_thread() is threading.main_thread()))
+        return images[:, 0, 0, :1].astype(np.float32)
+
+    async def run():
+        batcher = Batcher(model, ThreadPoolExecutor(1), limit=64, inline=4)
+        together = [batcher(np.full((n, 2, 2, 3), n, np.uint8)) for n in (1, 2)]
+        small = await asyncio.gather(*together)
+        large = await batcher(np.full((5, 2, 2, 3), 5, np.uint8))
+        return small, large
+
+    small, large = asyncio.run(run())
+    assert ran_on == [(3, True), (5, False)]
+    assert [r[:, 0].tolist() for r in small] == [[1.0], [2.0, 2.0]] and large[:, 0].tolist() == [5.0] * 5
