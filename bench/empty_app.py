@@ -15,7 +15,7 @@ app = FastAPI()
 
 @app.post("/predict")
 async def predict(request: Request):
-    split_form(await request.body(), request.headers["content-type"].encode("latin-1"))
+    split_form(await request.body(), request.headers.get("content-type", "").encode("latin-1"), 65)
     return JSONResponse({})
 
 

@@ -8,14 +8,15 @@
   model card), ``GET /metrics`` (Prometheus), ``GET /`` (a demo page, no external assets),
   ``GET /docs`` and ``/openapi.json``.
 
-Inference runs in one dedicated thread, in micro-batches: the images of all requests waiting
-when the model thread frees up go through it in one forward pass (a batch of 8 costs about as
-much as 3 single images here). Decoding runs in a worker thread, unless the request's images are
-small (up to 256 x 256 pixels and 64 KiB in all), which decode faster on the event loop than a
-thread hop takes. Uploads are split by ``split_form`` (plain multipart as browsers, curl and
+The model runs in micro-batches (``Batcher``): the images of all requests that arrived while it
+was busy go through one forward pass (a batch of 8 costs about as much as 3 single images
+here). With one model thread (the default), passes of up to 8 images run on the event loop,
+larger ones in the model thread. Decoding runs in a worker thread, unless the request's images
+are small (up to 256 x 256 pixels and 64 KiB in all), which decode faster on the event loop than
+a thread hop takes. Uploads are split by ``split_form`` (plain multipart as browsers, curl and
 httpx send it), anything unusual by Starlette's full parser. Bad input gets a 4xx with a reason,
-never a 500: empty, not an image, truncated, oversized upload (413), too many pixels (413), too
-many files (413).
+never a 500: empty, not an image, truncated, not multipart (422), oversized upload (413), too
+many pixels (413), too many files (413, or 400 from Starlette's parser past its own limit).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import os
 import re
@@ -40,6 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from gtsrb import backends, inference, models, registry
 from gtsrb.errors import GtsrbError
@@ -175,23 +178,26 @@ def declared_pixels(data: bytes) -> int:
         return 1 << 62
 
 
-_BOUNDARY = re.compile(rb'^multipart/form-data\s*;\s*boundary=(?:"([^"]+)"|([^\s;"]+))\s*$', re.I)
+# Only spaces and tabs between tokens, as python-multipart (Starlette's parser) allows
+_BOUNDARY = re.compile(rb'multipart/form-data[ \t]*;[ \t]*boundary=(?:"([^"]+)"|([^ \t;"]+))[ \t]*', re.I)
 _PART_HEADER = re.compile(
-    rb'^(?:content-disposition:\s*form-data;\s*name="([^"]*)"(?:;\s*filename="([^"]*)")?'
-    rb"|content-type:[^\r\n]*)$",
+    rb'content-disposition:[ \t]*form-data;[ \t]*name="([^"]*)"(?:;[ \t]*filename="([^"]*)")?[ \t]*'
+    rb"|content-type:[^\r\n]*",
     re.I,
 )
 
 
-def split_form(body: bytes, content_type: bytes) -> list[tuple[str, str, bytes]] | None:
+def split_form(body: bytes, content_type: bytes, max_parts: int) -> list[tuple[str, str, bytes]] | None:
     """A multipart/form-data body -> [(field, filename, bytes)] for the plain form that browsers,
     curl and httpx send: every part a file with a name, a filename and at most a content type.
-    Anything else (no boundary, other headers, a field without a filename, RFC 2231 names)
-    returns None: Starlette's full parser takes it from there."""
-    found = _BOUNDARY.match(content_type)
+    Anything else (no boundary, other headers, a field without a filename, RFC 2231 names, more
+    than ``max_parts`` parts) returns None: Starlette's full parser, with its limits, takes it."""
+    found = _BOUNDARY.fullmatch(content_type)
     if not found:
         return None
     delimiter = b"\r\n--" + (found.group(1) or found.group(2))
+    if body.count(delimiter[2:]) > max_parts + 1:
+        return None
     chunks = (b"\r\n" + body).split(delimiter)
     if chunks[0] or len(chunks) < 3 or chunks[-1] not in (b"--", b"--\r\n"):
         return None
@@ -202,15 +208,23 @@ def split_form(body: bytes, content_type: bytes) -> list[tuple[str, str, bytes]]
             return None
         name = filename = None
         for line in head[2:].split(b"\r\n"):
-            header = _PART_HEADER.match(line)
+            header = _PART_HEADER.fullmatch(line)
             if not header:
                 return None
             if header.group(1) is not None:
                 name, filename = header.group(1), header.group(2)
         if name is None or filename is None:
             return None
-        parts.append((name.decode("latin-1"), filename.decode("latin-1"), data))
+        parts.append((_text(name), _text(filename), data))
     return parts
+
+
+def _text(raw: bytes) -> str:
+    """A header value as Starlette decodes it: UTF-8 (what browsers send), else latin-1."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def upload_schema(field: str, many: bool) -> dict:
@@ -233,14 +247,15 @@ class Batcher:
     def __init__(self, fn, executor: ThreadPoolExecutor, limit: int, inline: int = 0):
         self.fn, self.executor, self.limit, self.inline = fn, executor, limit, inline
         self.waiting: list[tuple[np.ndarray, asyncio.Future]] = []
-        self.running, self.task = False, None
+        self.task: asyncio.Task | None = None  # the one draining ``waiting`` (a reference keeps it)
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.waiting.append((images, future))
-        if not self.running:  # the task starts after the requests already on the loop's queue
-            self.running = True
-            self.task = asyncio.get_running_loop().create_task(self._drain())  # a reference keeps it
+        # one drain task per loop; it starts after the requests already on the loop's queue
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            self.task = loop.create_task(self._drain())
         return await future
 
     def _next_group(self) -> list[tuple[np.ndarray, asyncio.Future]]:
@@ -253,28 +268,30 @@ class Batcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while self.waiting:
-                group = self._next_group()
+        while self.waiting:
+            group = self._next_group()
+            try:
                 images = group[0][0] if len(group) == 1 else np.concatenate([g[0] for g in group])
-                try:
-                    if len(images) <= self.inline:
-                        rows = self.fn(images)
-                    else:
-                        rows = await loop.run_in_executor(self.executor, self.fn, images)
-                except Exception as exc:  # every request of the group gets the model's error
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
+                if len(images) <= self.inline:
+                    rows = self.fn(images)
                 else:
-                    start = 0
-                    for part, future in group:
-                        if not future.done():  # a cancelled request (client gone) takes nothing
-                            future.set_result(rows[start : start + len(part)])
-                        start += len(part)
-                await asyncio.sleep(0)  # let the loop read the requests that came in meanwhile
-        finally:
-            self.running = False
+                    rows = await loop.run_in_executor(self.executor, self.fn, images)
+            except Exception as exc:  # every request of the group gets the model's error
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+            except BaseException:  # cancelled (shutdown): no request is left waiting
+                for _, future in group + self.waiting:
+                    future.cancel()
+                self.waiting = []
+                raise
+            else:
+                start = 0
+                for part, future in group:
+                    if not future.done():  # a cancelled request (client gone) takes nothing
+                        future.set_result(rows[start : start + len(part)])
+                    start += len(part)
+            await asyncio.sleep(0)  # let the loop read the requests that came in meanwhile
 
 
 class BodyLimit:
@@ -297,7 +314,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
+                raise _TooLarge(self.limit)
             return message
 
         started = False
@@ -309,12 +326,12 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except _TooLarge:  # read outside the app's handlers (which answer it themselves)
             if not started:
                 await self._reject(send)
 
     async def _reject(self, send):
-        body = f'{{"detail":"upload larger than the limit of {self.limit} bytes"}}'.encode()
+        body = json.dumps({"detail": _TooLarge(self.limit).detail}).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -328,8 +345,12 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """A body over the limit, found while reading it (no Content-Length): an HTTPException, so
+    the handler that was reading answers 413 itself."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"upload larger than the limit of {limit} bytes")
 
 
 def create_app(predictor: Predictor):
@@ -414,11 +435,19 @@ def create_app(predictor: Predictor):
             raise HTTPException(
                 422, f"send the image{'s' if field == 'files' else ''} as {MULTIPART}, field '{field}'"
             )
-        parts = split_form(await request.body(), content_type.encode("latin-1"))
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            raise HTTPException(400, "the client closed the connection before the upload ended") from None
+        parts = split_form(body, content_type.encode("latin-1"), settings.max_batch + 1)
         if parts is not None:
             items = [(filename, data) for name, filename, data in parts if name == field]
         else:
-            async with request.form(max_part_size=settings.max_upload_bytes or float("inf")) as form:
+            limits = {
+                "max_files": settings.max_batch + 1,
+                "max_part_size": settings.max_upload_bytes or float("inf"),
+            }
+            async with request.form(**limits) as form:
                 values = form.getlist(field)
                 if not all(isinstance(v, UploadFile) for v in values):
                     raise HTTPException(422, f"field '{field}' must be a file upload")

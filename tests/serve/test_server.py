@@ -137,6 +137,25 @@ def test_any_multipart_form_works_the_same(server):
     assert two.status_code == 422 and "use /predict/batch" in two.json()["detail"]
 
 
+def test_an_oversized_upload_without_a_length_is_a_413_too(server):
+    """Chunked: the limit is found while the handler reads the body."""
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n\r\n'
+
+    def body():
+        yield head
+        for _ in range(32):
+            yield b"\0" * 65536  # 2 MiB, the test server's limit is 1 MiB
+
+    r = httpx.post(
+        server.url + "/predict",
+        content=body(),
+        headers={"content-type": "multipart/form-data; boundary=b"},
+        timeout=30,
+    )
+    assert r.status_code == 413 and "larger than the limit of 1048576 bytes" in r.json()["detail"]
+    assert server.proc.poll() is None
+
+
 def test_too_many_files_in_a_batch(server):
     files = [("files", (f"{i}.png", png())) for i in range(5)]
     r = httpx.post(server.url + "/predict/batch", files=files, timeout=30)

@@ -47,12 +47,13 @@ def starlette_parts(body: bytes, content_type: bytes) -> list[tuple[str, str, by
         {"file": ("empty.png", b"")},
         [("files", (f"{i}.png", png(color=(i, 2 * i, 3 * i)))) for i in range(5)],
         [("files", ("a b;c.png", png())), ("other", ("x.jpg", TRICKY))],
+        {"file": ("panneau stop é.png", png())},
     ],
-    ids=["one", "boundary-like bytes", "empty", "five", "two fields"],
+    ids=["one", "boundary-like bytes", "empty", "five", "two fields", "utf-8 filename"],
 )
 def test_split_form_agrees_with_starlette(files):
     body, content_type = encoded(files)
-    assert split_form(body, content_type) == starlette_parts(body, content_type)
+    assert split_form(body, content_type, 64) == starlette_parts(body, content_type)
 
 
 @pytest.mark.parametrize(
@@ -74,11 +75,26 @@ def test_split_form_agrees_with_starlette(files):
         (b"--b--\r\n", b"multipart/form-data; boundary=b"),  # no part
         (b"x", b"multipart/form-data"),  # no boundary
         (b'{"image": 1}', b"application/json"),
+        (
+            b'--b\r\nContent-Disposition:\x0cform-data; name="file"; filename="s.png"\r\n\r\nx\r\n--b--\r\n',
+            b"multipart/form-data; boundary=b",
+        ),
+        (encoded([("files", (f"{i}.png", b"x")) for i in range(4)])),  # more parts than allowed
     ],
-    ids=["text field", "RFC 2231 filename", "other header", "unterminated", "no part", "no boundary", "json"],
+    ids=[
+        "text field",
+        "RFC 2231 filename",
+        "other header",
+        "unterminated",
+        "no part",
+        "no boundary",
+        "json",
+        "form feed for a space",
+        "too many parts",
+    ],
 )
 def test_split_form_leaves_anything_unusual_to_starlette(body, content_type):
-    assert split_form(body, content_type) is None
+    assert split_form(body, content_type, 3) is None
 
 
 def test_batcher_groups_waiting_requests_and_keeps_each_ones_rows():
