@@ -560,7 +560,7 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False) ->
     import uvicorn
 
     predictor = Predictor.load(settings)
-    # uvicorn takes uvloop and httptools when installed (the serve extra): ~2x the plain
+    # uvicorn takes uvloop and httptools when installed (the serve extra): 1.5-1.8x the plain
     # asyncio + h11 request rate
     uvicorn.run(create_app(predictor), host=host, port=port, log_level="info", access_log=access_log)
 
