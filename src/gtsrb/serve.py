@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -33,11 +34,11 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -52,8 +53,20 @@ from gtsrb.train import set_threads
 log = logging.getLogger(__name__)
 
 FORMATS = {"PPM", "PNG", "JPEG", "WEBP"}
-TopK = Annotated[int, Query(ge=1, le=43, description="how many classes to return")]
-Coord = Annotated[int | None, Query(description="region of interest: all four of x1, y1, x2, y2, or none")]
+# Query parameters, read by ``query_ints`` (FastAPI's per-parameter validation cost more than
+# the model per request) and documented in the OpenAPI schema from these same specs
+TOP_K = {
+    "name": "top_k",
+    "description": "how many classes to return",
+    "minimum": 1,
+    "maximum": 43,
+    "default": 5,
+}
+ROI = [
+    {"name": n, "description": "region of interest: all four of x1, y1, x2, y2, or none", "minimum": 0}
+    for n in ("x1", "y1", "x2", "y2")
+]
+_INT = re.compile(r"[+-]?[0-9]{1,9}")
 WARMUP_RUNS = 3
 # Below both (one small PNG, say), decoding takes less than a trip to a thread (~0.3 ms at most):
 # it runs on the event loop. The byte bound matters as much: a small image can hide a long file.
@@ -61,6 +74,8 @@ INLINE_DECODE_PIXELS, INLINE_DECODE_BYTES = 256 * 256, 64 * 1024
 MULTIPART = "multipart/form-data"
 # With one model thread, forward passes of up to this many images (~1 ms) run on the event loop
 INLINE_BATCH = inference.SMALL_BATCH
+# Turns of the event loop the batcher waits for more requests to join a call, while they come
+GATHER_TURNS = 8
 
 
 @dataclass(frozen=True)
@@ -112,15 +127,18 @@ class Predictor:
         return self.ckpt["image_size"]
 
     def warm_up(self) -> None:
-        x = torch.zeros(1, 3, self.image_size, self.image_size)
-        with torch.inference_mode():
+        """Run every path a request can take, so that no request waits for a graph to be built:
+        ``compile`` has one for small batches, and Inductor's graph for the rest may specialise
+        on a range of sizes (measured: 2-15 and 16 on, for the learning path's net)."""
+        for batch in sorted({1, inference.SMALL_BATCH, self.settings.max_batch}):
+            x = np.zeros((batch, self.image_size, self.image_size, 3), np.uint8)
             for _ in range(WARMUP_RUNS):
-                self.fn(x)
+                self.probabilities(x)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> class probabilities [N, 43]."""
-        x = models.preprocess(torch.from_numpy(images), self.ckpt)
-        with torch.inference_mode():
+        with torch.inference_mode():  # the mode the graphs were built in (else: built again)
+            x = models.preprocess(torch.from_numpy(images), self.ckpt)
             return torch.softmax(self.fn(x), 1).numpy()
 
     def result(self, probs: np.ndarray, k: int) -> dict[str, Any]:
@@ -133,10 +151,19 @@ class Predictor:
         return {**entries[0], "top_k": entries, "model_version": self.version}
 
 
+class NotSmall(Exception):
+    """``decode(..., small_only=N)`` met an image of more than N pixels (before decoding it)."""
+
+
 def decode(
-    data: bytes, size: int, max_pixels: int, roi: tuple[int, int, int, int] | None = None
+    data: bytes,
+    size: int,
+    max_pixels: int,
+    roi: tuple[int, int, int, int] | None = None,
+    small_only: int | None = None,
 ) -> np.ndarray:
-    """Upload bytes -> the model's uint8 input, with prepare's crop-and-resize function."""
+    """Upload bytes -> the model's uint8 input, with prepare's crop-and-resize function.
+    With ``small_only``, an image of more pixels raises NotSmall once its header is read."""
     if not data:
         raise BadImage(400, "empty upload")
     try:
@@ -150,8 +177,10 @@ def decode(
                 raise BadImage(
                     413, f"image too large: {width}x{height} pixels, more than the limit of {max_pixels}"
                 )
+            if small_only is not None and width * height > small_only:
+                raise NotSmall
             img.load()
-    except BadImage:
+    except (BadImage, NotSmall):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(413, f"image too large: {exc}") from None
@@ -166,16 +195,6 @@ def decode(
             raise BadImage(422, f"ROI ({x1},{y1})-({x2},{y2}) is outside the {width}x{height} image")
         box = (float(x1), float(y1), float(x2), float(y2))
     return to_model_input(img, box, size)
-
-
-def declared_pixels(data: bytes) -> int:
-    """Width x height from the image header alone (cheap); unreadable headers count as huge, so
-    they go to the thread pool, where ``decode`` says what is wrong."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size[0] * img.size[1]
-    except Exception:
-        return 1 << 62
 
 
 # Only spaces and tabs between tokens, as python-multipart (Starlette's parser) allows
@@ -227,15 +246,60 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def upload_schema(field: str, many: bool) -> dict:
-    """The OpenAPI request body of an upload endpoint (its handler reads the request itself)."""
+def query_ints(request: Request, *specs: dict) -> Any:
+    """The integer query parameters of ``specs`` (see TOP_K): a value each (one spec) or a list;
+    a missing one is its default (or None), a bad one a 422 that names it."""
+    values = []
+    for spec in specs:
+        name, raw = spec["name"], request.query_params.get(spec["name"])
+        if raw is None:
+            values.append(spec.get("default"))
+            continue
+        if not _INT.fullmatch(raw):
+            raise HTTPException(422, f"query parameter {name}={raw!r} is not an integer")
+        value, low, high = int(raw), spec.get("minimum"), spec.get("maximum")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"{low} to {high}" if high is not None else f"{low} or more"
+            raise HTTPException(422, f"query parameter {name}={value} is out of range ({bounds})")
+        values.append(value)
+    return values[0] if len(specs) == 1 else values
+
+
+def roi_of(request: Request) -> tuple[int, int, int, int] | None:
+    """The region of interest of the query (x1, y1, x2, y2), or None."""
+    box = query_ints(request, *ROI)
+    given = [v is not None for v in box]
+    if any(given) and not all(given):
+        raise HTTPException(422, "give all of x1, y1, x2, y2 for a region of interest, or none")
+    return tuple(box) if all(given) else None
+
+
+def upload_schema(field: str, many: bool, query: tuple[dict, ...] = ()) -> dict:
+    """The OpenAPI request body and query parameters of an upload endpoint (its handler reads
+    the request itself)."""
     binary = {"type": "string", "format": "binary"}
     schema = {
         "type": "object",
         "required": [field],
         "properties": {field: {"type": "array", "items": binary} if many else binary},
     }
-    return {"requestBody": {"required": True, "content": {MULTIPART: {"schema": schema}}}}
+    parameters = [
+        {
+            "name": spec["name"],
+            "in": "query",
+            "required": False,
+            "description": spec["description"],
+            "schema": {
+                "type": "integer",
+                **{k: spec[k] for k in ("minimum", "maximum", "default") if k in spec},
+            },
+        }
+        for spec in query
+    ]
+    return {
+        "parameters": parameters,
+        "requestBody": {"required": True, "content": {MULTIPART: {"schema": schema}}},
+    }
 
 
 class Batcher:
@@ -266,32 +330,46 @@ class Batcher:
         group, self.waiting = self.waiting[:take], self.waiting[take:]
         return group
 
+    async def _gather(self) -> None:
+        """Let the requests being read join the next call: yield to the event loop for as long
+        as each turn brings more (a few turns at most, or until ``limit`` images wait)."""
+        for _ in range(GATHER_TURNS):
+            waiting = len(self.waiting)
+            if sum(len(images) for images, _ in self.waiting) >= self.limit:
+                return
+            await asyncio.sleep(0)
+            if len(self.waiting) == waiting:
+                return
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.waiting:
-            group = self._next_group()
-            try:
-                images = group[0][0] if len(group) == 1 else np.concatenate([g[0] for g in group])
-                if len(images) <= self.inline:
-                    rows = self.fn(images)
+        group: list[tuple[np.ndarray, asyncio.Future]] = []
+        try:
+            while self.waiting:
+                await self._gather()
+                group = self._next_group()
+                try:
+                    images = group[0][0] if len(group) == 1 else np.concatenate([g[0] for g in group])
+                    if len(images) <= self.inline:
+                        rows = self.fn(images)
+                    else:
+                        rows = await loop.run_in_executor(self.executor, self.fn, images)
+                except Exception as exc:  # every request of the group gets the model's error
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
                 else:
-                    rows = await loop.run_in_executor(self.executor, self.fn, images)
-            except Exception as exc:  # every request of the group gets the model's error
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
-            except BaseException:  # cancelled (shutdown): no request is left waiting
-                for _, future in group + self.waiting:
-                    future.cancel()
-                self.waiting = []
-                raise
-            else:
-                start = 0
-                for part, future in group:
-                    if not future.done():  # a cancelled request (client gone) takes nothing
-                        future.set_result(rows[start : start + len(part)])
-                    start += len(part)
-            await asyncio.sleep(0)  # let the loop read the requests that came in meanwhile
+                    start = 0
+                    for part, future in group:
+                        if not future.done():  # a cancelled request (client gone) takes nothing
+                            future.set_result(rows[start : start + len(part)])
+                        start += len(part)
+                group = []
+        except BaseException:  # cancelled (shutdown): no request is left waiting
+            for _, future in group + self.waiting:
+                future.cancel()
+            self.waiting = []
+            raise
 
 
 class BodyLimit:
@@ -379,6 +457,9 @@ def create_app(predictor: Predictor):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await asyncio.get_running_loop().run_in_executor(model_thread, predictor.warm_up)
+        # What exists now (torch, the graphs: ~450k objects) lives as long as the server: the
+        # cyclic GC need not scan it again. Its full collections stalled requests ~100 ms each.
+        gc.freeze()
         state["ready"] = True
         log.info("model %s ready (%s, %s)", predictor.version, predictor.runtime["kernels"], predictor.path)
         yield
@@ -419,11 +500,11 @@ def create_app(predictor: Predictor):
     inline = INLINE_BATCH if predictor.runtime["threads"] == 1 else 0
     batcher = Batcher(predictor.probabilities, model_thread, settings.max_batch, inline)
 
-    def decode_all(items: list[tuple[str | None, bytes]], roi) -> np.ndarray:
+    def decode_all(items: list[tuple[str | None, bytes]], roi, small_only: int | None = None) -> np.ndarray:
         images = []
         for name, data in items:
             try:
-                images.append(decode(data, predictor.image_size, settings.max_pixels, roi))
+                images.append(decode(data, predictor.image_size, settings.max_pixels, roi, small_only))
             except BadImage as exc:
                 raise HTTPException(exc.status, (f"{name}: " if name else "") + exc.detail) from None
         return np.stack(images)
@@ -459,16 +540,10 @@ def create_app(predictor: Predictor):
     async def decode_uploads(items: list[tuple[str | None, bytes]], roi) -> np.ndarray:
         """All uploads of a request -> one uint8 batch: small images on the event loop (cheaper
         than a thread hop), anything else in one trip to a worker thread."""
-        small = sum(len(data) for _, data in items) <= INLINE_DECODE_BYTES  # bounds header parsing too
-        if small and sum(declared_pixels(data) for _, data in items) <= INLINE_DECODE_PIXELS:
-            return decode_all(items, roi)
+        if sum(len(data) for _, data in items) <= INLINE_DECODE_BYTES:  # bounds header parsing too
+            with contextlib.suppress(NotSmall):  # each image within its share of the pixel budget
+                return decode_all(items, roi, small_only=INLINE_DECODE_PIXELS // len(items))
         return await asyncio.to_thread(decode_all, items, roi)
-
-    def roi_of(x1, y1, x2, y2):
-        given = [v is not None for v in (x1, y1, x2, y2)]
-        if any(given) and not all(given):
-            raise HTTPException(422, "give all of x1, y1, x2, y2 for a region of interest, or none")
-        return (x1, y1, x2, y2) if all(given) else None
 
     def count(results):
         for r in results:
@@ -476,16 +551,13 @@ def create_app(predictor: Predictor):
 
     # The handlers read the upload themselves (``uploads``) and answer with a JSONResponse:
     # FastAPI's form and response machinery cost more than the model at these sizes.
-    @app.post("/predict", summary="Classify one image", openapi_extra=upload_schema("file", many=False))
-    async def predict(
-        request: Request,
-        top_k: TopK = 5,
-        x1: Coord = None,
-        y1: Coord = None,
-        x2: Coord = None,
-        y2: Coord = None,
-    ):
-        roi = roi_of(x1, y1, x2, y2)
+    @app.post(
+        "/predict",
+        summary="Classify one image",
+        openapi_extra=upload_schema("file", many=False, query=(TOP_K, *ROI)),
+    )
+    async def predict(request: Request):
+        top_k, roi = query_ints(request, TOP_K), roi_of(request)
         items = await uploads(request, "file")
         if len(items) > 1:
             raise HTTPException(422, f"{len(items)} files in field 'file': send one, or use /predict/batch")
@@ -497,9 +569,10 @@ def create_app(predictor: Predictor):
     @app.post(
         "/predict/batch",
         summary="Classify several images in one forward pass",
-        openapi_extra=upload_schema("files", many=True),
+        openapi_extra=upload_schema("files", many=True, query=(TOP_K,)),
     )
-    async def predict_batch(request: Request, top_k: TopK = 5):
+    async def predict_batch(request: Request):
+        top_k = query_ints(request, TOP_K)
         items = await uploads(request, "files")
         if len(items) > settings.max_batch:
             raise HTTPException(

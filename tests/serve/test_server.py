@@ -58,6 +58,9 @@ def test_health_ready_model_docs_and_demo(server):
     assert card["runtime"]["backend"] == "acl" and card["runtime"]["threads"] == 1
     schema = httpx.get(server.url + "/openapi.json").json()
     assert {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics"} <= set(schema["paths"])
+    query = {p["name"]: p["schema"] for p in schema["paths"]["/predict"]["post"]["parameters"]}
+    assert query["top_k"] == {"type": "integer", "minimum": 1, "maximum": 43, "default": 5}
+    assert set(query) == {"top_k", "x1", "y1", "x2", "y2"}
     page = httpx.get(server.url + "/").text
     assert '<input id="file"' in page and "http://" not in page and "https://" not in page
 
@@ -117,6 +120,13 @@ def test_wrong_content_type_and_params(server):
     assert r.status_code == 422
     assert post(server, png(), top_k=0).status_code == 422
     assert post(server, png(), x1=1).status_code == 422
+    for bad, why in (("abc", "top_k='abc' is not an integer"), ("44", "top_k=44 is out of range (1 to 43)")):
+        r = post(server, png(), top_k=bad)
+        assert r.status_code == 422 and why in r.json()["detail"]
+    r = post(server, png(), path="/predict/batch", top_k="1.5")
+    assert r.status_code == 422 and "top_k='1.5' is not an integer" in r.json()["detail"]
+    r = post(server, png(size=(20, 20)), x1=-1, y1=0, x2=10, y2=10)
+    assert r.status_code == 422 and "x1=-1 is out of range (0 or more)" in r.json()["detail"]
     r = post(server, png(size=(20, 20)), x1=0, y1=0, x2=30, y2=10)
     assert r.status_code == 422 and "outside the 20x20 image" in r.json()["detail"]
 

@@ -1,4 +1,4 @@
-"""The server's own upload splitting and micro-batching, against Starlette's parser and real threads."""
+"""The server's own upload splitting, micro-batching and warm-up, against Starlette's parser and real threads."""
 
 import asyncio
 import threading
@@ -7,10 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from starlette.requests import Request
 
-from gtsrb.serve import Batcher, split_form
-from tests.serve.conftest import png
+from gtsrb.inference import SMALL_BATCH
+from gtsrb.serve import GATHER_TURNS, Batcher, Predictor, Settings, split_form
+from tests.serve.conftest import make_checkpoint, png
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) + b"\r\n"
 
@@ -155,3 +157,38 @@ def test_batcher_runs_small_groups_on_the_event_loop_and_large_ones_in_the_execu
     small, large = asyncio.run(run())
     assert ran_on == [(3, True), (5, False)]
     assert [r[:, 0].tolist() for r in small] == [[1.0], [2.0, 2.0]] and large[:, 0].tolist() == [5.0] * 5
+
+
+def test_batcher_waits_for_requests_still_being_read_while_they_keep_coming():
+    calls = []
+
+    def model(images):
+        calls.append(images[:, 0, 0, 0].tolist())
+        return images[:, 0, 0, :1].astype(np.float32)
+
+    async def run():
+        batcher = Batcher(model, ThreadPoolExecutor(1), limit=64, inline=64)
+
+        async def request(value: int, turns: int):
+            for _ in range(turns):  # still reading its body
+                await asyncio.sleep(0)
+            return await batcher(np.full((1, 2, 2, 3), value, np.uint8))
+
+        await asyncio.gather(*(request(v, turns=v) for v in range(5)))  # one more each turn
+        await asyncio.gather(request(5, 0), request(6, GATHER_TURNS + 3))  # the late one: alone
+
+    asyncio.run(run())
+    assert calls == [[0, 1, 2, 3, 4], [5], [6]]
+
+
+@pytest.mark.parametrize("arch", ["traffic_sign_net", "fast_sign_net"])
+def test_after_warm_up_no_request_waits_for_a_graph_to_be_built(tmp_path, arch):
+    """Every batch size a request can bring runs a graph that warm-up built: no recompilation
+    (a request that set one off waited seconds)."""
+    model = make_checkpoint(tmp_path / "model.pt", arch)
+    predictor = Predictor.load(Settings(model=str(model), inference="compile"))
+    assert predictor.path == "compile", predictor.runtime["fallback"]
+    predictor.warm_up()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (1, 3, SMALL_BATCH, 13, 16, 40, 64):
+            assert predictor.probabilities(np.zeros((batch, 32, 32, 3), np.uint8)).shape == (batch, 43)
