@@ -84,6 +84,12 @@ def cmd_get_model(args: argparse.Namespace) -> None:
     log.info("%s %s -> %s", registry.ARTIFACT, version, args.out)
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from gtsrb.serve import Settings, serve
 
@@ -95,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_batch=args.max_batch,
     )
-    serve(settings, args.host, args.port, access_log=args.access_log)
+    serve(settings, args.host, args.port, access_log=args.access_log, workers=args.workers)
 
 
 def cmd_ci_report(args: argparse.Namespace) -> None:
@@ -186,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="acl", help="(default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=os.environ.get("GTSRB_WORKERS", "1"),
+        help="server processes sharing the port, each with its own model; one per core serves the "
+        "most requests (default: $GTSRB_WORKERS or 1)",
+    )
     p.add_argument(
         "--threads",
         type=int,

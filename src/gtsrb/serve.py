@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import io
 import json
 import logging
 import os
 import re
+import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +45,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -72,6 +76,9 @@ WARMUP_RUNS = 3
 # it runs on the event loop. The byte bound matters as much: a small image can hide a long file.
 INLINE_DECODE_PIXELS, INLINE_DECODE_BYTES = 256 * 256, 64 * 1024
 MULTIPART = "multipart/form-data"
+# How ``serve(workers=N)`` hands the settings to its workers, and prometheus_client's switch to
+# keeping metrics in files that /metrics of any worker sums
+SETTINGS_ENV, MULTIPROC_ENV = "GTSRB_SERVE_SETTINGS", "PROMETHEUS_MULTIPROC_DIR"
 # With one model thread, forward passes of up to this many images (~1 ms) run on the event loop
 INLINE_BATCH = inference.SMALL_BATCH
 # Turns of the event loop the batcher waits for more requests to join a call, while they come
@@ -599,6 +606,10 @@ def create_app(predictor: Predictor):
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
+        if os.environ.get(MULTIPROC_ENV):  # every worker's counts (their files in that directory)
+            every_worker = CollectorRegistry()
+            MultiProcessCollector(every_worker)
+            return Response(generate_latest(every_worker), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -629,13 +640,34 @@ def wait_ready(url: str, timeout: float = 120, proc=None) -> None:
     raise GtsrbError(f"{url} was not ready after {timeout:.0f}s")
 
 
-def serve(settings: Settings, host: str, port: int, access_log: bool = False) -> None:
+def serve(settings: Settings, host: str, port: int, access_log: bool = False, workers: int = 1) -> None:
+    """Serve until stopped. ``workers`` > 1: that many processes share the port (uvicorn's
+    supervisor), each with its own model and batcher, and /metrics sums them all."""
     import uvicorn
 
-    predictor = Predictor.load(settings)
     # uvicorn takes uvloop and httptools when installed (the serve extra): 1.5-1.8x the plain
     # asyncio + h11 request rate
-    uvicorn.run(create_app(predictor), host=host, port=port, log_level="info", access_log=access_log)
+    options = {"host": host, "port": port, "log_level": "info", "access_log": access_log}
+    if workers == 1:
+        uvicorn.run(create_app(Predictor.load(settings)), **options)
+        return
+    # what would stop every worker the same way stops the server now, with the reason
+    backends.select(settings.backend)
+    models.load_checkpoint(settings.model)
+    with tempfile.TemporaryDirectory(prefix="gtsrb-metrics-") as metrics_dir:
+        # read by the workers (spawned: they import everything afresh, prometheus_client too)
+        os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        uvicorn.run("gtsrb.serve:worker_app", factory=True, workers=workers, **options)
+
+
+def worker_app():
+    """The app of one worker process of ``serve(workers=N)``, from the settings it left."""
+    with contextlib.suppress(ImportError):  # torch.compile's progress bars would lock with a
+        from tqdm import tqdm  # process-shared semaphore, reported leaked when workers stop
+
+        tqdm.set_lock(threading.RLock())
+    return create_app(Predictor.load(Settings(**json.loads(os.environ[SETTINGS_ENV]))))
 
 
 DEMO_PAGE = """<!doctype html>

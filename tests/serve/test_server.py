@@ -1,6 +1,7 @@
 """HTTP tests against a real uvicorn process: every endpoint and every bad input."""
 
 import io
+import re
 import struct
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from gtsrb.cli import main
 from gtsrb.serve import BadImage, decode
 from tests import archives
 from tests.conftest import set_key, write_params
-from tests.serve.conftest import make_checkpoint, png
+from tests.serve.conftest import Server, make_checkpoint, png
 
 
 def post(server, data: bytes, name="sign.png", path="/predict", **params):
@@ -191,14 +192,26 @@ def test_keeps_answering_good_requests_while_bad_ones_arrive(server):
     assert server.proc.poll() is None
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_refuses_to_start_without_a_good_model(tmp_path, damage):
+def test_refuses_to_start_without_a_good_model(tmp_path, damage, workers):
     model = tmp_path / "model.pt"
     if damage == "corrupt":
         make_checkpoint(model)
         model.write_bytes(model.read_bytes()[:1000])
     proc = subprocess.run(
-        [sys.executable, "-m", "gtsrb.cli", "serve", "--model", str(model), "--port", "1"],
+        [
+            sys.executable,
+            "-m",
+            "gtsrb.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            "1",
+            "--workers",
+            workers,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -206,6 +219,26 @@ def test_refuses_to_start_without_a_good_model(tmp_path, damage):
     assert proc.returncode == 1
     expected = "model not found" if damage == "missing" else "truncated or corrupt checkpoint"
     assert f"gtsrb serve: error: {model}" in proc.stderr and expected in proc.stderr
+
+
+def test_workers_share_the_port_and_metrics_count_every_request(tmp_path):
+    """Two worker processes: requests on fresh connections spread over both, and /metrics,
+    whichever worker answers, counts all of them."""
+    server = Server(make_checkpoint(tmp_path / "model.pt"), "--workers", "2").wait_ready()
+    try:
+        answers = [post(server, png()) for _ in range(30)]  # a new connection each
+        assert [a.status_code for a in answers] == [200] * 30
+        counted = set()
+        for _ in range(8):
+            text = httpx.get(server.url + "/metrics").text
+            counted.add(re.search(r'gtsrb_requests_total\{endpoint="/predict",status="200"\} (\S+)', text)[1])
+        assert counted == {"30.0"}
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+    log = server.log.read_text()
+    assert len(set(re.findall(r"Started server process \[(\d+)\]", log))) == 2, log
+    assert "leaked" not in log
 
 
 def test_serving_preprocessing_is_prepares(tmp_path, monkeypatch, params):
