@@ -1,5 +1,5 @@
-"""The ceiling of the HTTP stack: a FastAPI app whose /predict reads the same multipart upload
-as `gtsrb serve` (the request body, split by `split_form`) and returns at once.
+"""The ceiling of the HTTP stack: an app built like `gtsrb serve` (FastAPI, the upload endpoint a
+Starlette route reading the request body and splitting it with `split_form`) that returns at once.
 bench/run_all.py runs it under uvicorn like the real server.
 
     uvicorn empty_app:app --app-dir bench --port 8001
@@ -13,10 +13,12 @@ from gtsrb.serve import split_form
 app = FastAPI()
 
 
-@app.post("/predict")
-async def predict(request: Request):
+async def predict(request: Request) -> JSONResponse:
     split_form(await request.body(), request.headers.get("content-type", "").encode("latin-1"), 65)
     return JSONResponse({})
+
+
+app.router.add_route("/predict", predict, methods=["POST"])
 
 
 @app.get("/ready")
