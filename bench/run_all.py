@@ -14,9 +14,10 @@ medians of ``--repeats`` runs with their min-max spread. About 12 minutes on 2 c
    ours on the same synthetic data; the time our recipe takes to reach the accuracy the seed
    recipe ends with (test accuracy probed every 10 steps, probe time not counted), and our
    images/s per epoch with 1 and 2 threads.
-4. The server: /predict at concurrency 8 and /predict/batch (64 images) at concurrency 2,
-   loaded by wrk (the Python load generator of serve_load.py if wrk is missing), against the
-   bare model's batch-1 and batch-64 throughput through the server's own Predictor.
+4. The server with 1 and 2 worker processes (`--workers`): /predict at concurrency 8 and
+   /predict/batch (64 images) at concurrency 2, loaded by wrk (the Python load generator of
+   serve_load.py if wrk is missing), against the bare model's batch-1 and batch-64 throughput
+   through the server's own Predictor.
 5. `dvc repro` with nothing changed, in a temp repo holding the pipeline; prepare's decoding.
 """
 
@@ -199,35 +200,51 @@ def training_runs(prepared: Path, out: Path, repeats: int) -> dict:
 # 4. Server ---------------------------------------------------------------------------------
 
 
-def server_runs(model: Path, repeats: int, seconds: float) -> dict:
+def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, ...] = (1, 2)) -> dict:
     pngs = [serve_load.sign_png(i) for i in range(64)]
     single, batch = serve_load.multipart("file", pngs[:1]), serve_load.multipart("files", pngs)
     use_wrk = shutil.which("wrk") is not None
     files = [("files", (f"{i}.png", p)) for i, p in enumerate(pngs)]
-    server, url = serve_load.start(model, "compile")
-    rows: dict[str, list[dict]] = {"predict": [], "predict_batch": []}
-    try:
-        for r in range(repeats):
-            log(f"server round {r + 1}/{repeats} ({'wrk' if use_wrk else 'Python clients'})")
-            if use_wrk:
-                rows["predict"].append(serve_load.wrk_burst(url + "/predict", *single, 8, seconds, 1))
-                rows["predict_batch"].append(
-                    serve_load.wrk_burst(url + "/predict/batch", *batch, 2, seconds, 64)
+    by_workers = {}
+    for n in workers:
+        rows: dict[str, list[dict]] = {"predict": [], "predict_batch": []}
+        server, url = serve_load.start(model, "compile", n)
+        try:
+            for r in range(repeats):
+                log(
+                    f"server round {r + 1}/{repeats}, {n} worker(s) ({'wrk' if use_wrk else 'Python clients'})"
                 )
-            else:
-                rows["predict"].append(
-                    serve_load.burst(
-                        url + "/predict", lambda i: ({"file": ("s.png", pngs[0])}, 1), 8, seconds
+                if use_wrk:
+                    rows["predict"].append(serve_load.wrk_burst(url + "/predict", *single, 8, seconds, 1))
+                    rows["predict_batch"].append(
+                        serve_load.wrk_burst(url + "/predict/batch", *batch, 2, seconds, 64)
                     )
-                )
-                rows["predict_batch"].append(
-                    serve_load.burst(url + "/predict/batch", lambda i: (files, 64), 2, seconds)
-                )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+                else:
+                    rows["predict"].append(
+                        serve_load.burst(
+                            url + "/predict", lambda i: ({"file": ("s.png", pngs[0])}, 1), 8, seconds
+                        )
+                    )
+                    rows["predict_batch"].append(
+                        serve_load.burst(url + "/predict/batch", lambda i: (files, 64), 2, seconds)
+                    )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        by_workers[str(n)] = {
+            "predict_c8": {
+                "requests_per_s": spread([x["requests_per_s"] for x in rows["predict"]]),
+                "p99_ms": spread([x["p99_ms"] for x in rows["predict"]]),
+                "errors": sum(x["errors"] for x in rows["predict"]),
+            },
+            "predict_batch_64_c2": {
+                "images_per_s": spread([x["images_per_s"] for x in rows["predict_batch"]]),
+                "p99_ms": spread([x["p99_ms"] for x in rows["predict_batch"]]),
+                "errors": sum(x["errors"] for x in rows["predict_batch"]),
+            },
+        }
     empty = []
-    if use_wrk:  # the same upload to an endpoint that does nothing: what FastAPI itself costs
+    if use_wrk:  # the same upload to an endpoint that does nothing: what the HTTP stack costs
         port = serve_load.free_port()
         cmd = [sys.executable, "-m", "uvicorn", "empty_app:app", "--app-dir", str(ROOT / "bench")]
         stack = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"])
@@ -248,18 +265,9 @@ def server_runs(model: Path, repeats: int, seconds: float) -> dict:
     return {
         "load_generator": "wrk" if use_wrk else "python",
         "inference_path": predictor.path,
-        "predict_c8": {
-            "requests_per_s": spread([x["requests_per_s"] for x in rows["predict"]]),
-            "p99_ms": spread([x["p99_ms"] for x in rows["predict"]]),
-            "errors": sum(x["errors"] for x in rows["predict"]),
-        },
-        "predict_batch_64_c2": {
-            "images_per_s": spread([x["images_per_s"] for x in rows["predict_batch"]]),
-            "p99_ms": spread([x["p99_ms"] for x in rows["predict_batch"]]),
-            "errors": sum(x["errors"] for x in rows["predict_batch"]),
-        },
+        "by_workers": by_workers,
         "bare_images_per_s": {k: spread(v) for k, v in bare.items()},
-        "empty_fastapi_predict_c8": {"requests_per_s": spread(empty)} if empty else None,
+        "http_stack_predict_c8": {"requests_per_s": spread(empty)} if empty else None,
     }
 
 
@@ -414,27 +422,37 @@ def report(r: dict) -> str:
             "reported",
             "yes",
         ),
-        server_row(
-            "/predict, concurrency 8: requests/s", srv["predict_c8"], "requests_per_s", "batch_1", 0.6
+        *(
+            server_row(
+                f"/predict, concurrency 8, {n} worker{'s' * (n != '1')}: requests/s",
+                result["predict_c8"],
+                "requests_per_s",
+                "batch_1",
+                0.6,
+            )
+            for n, result in srv["by_workers"].items()
         ),
         *(
             [
                 server_row(
-                    "reference: FastAPI endpoint taking the same upload and doing nothing: requests/s",
+                    "reference: the same app stack taking the same upload and doing nothing, 1 worker: requests/s",
                     empty,
                     "requests_per_s",
                     "batch_1",
                 )
             ]
-            if (empty := srv["empty_fastapi_predict_c8"])
+            if (empty := srv["http_stack_predict_c8"])
             else []
         ),
-        server_row(
-            "/predict/batch, 64 images, concurrency 2: images/s",
-            srv["predict_batch_64_c2"],
-            "images_per_s",
-            "batch_64",
-            0.5,
+        *(
+            server_row(
+                f"/predict/batch, 64 images, concurrency 2, {n} worker{'s' * (n != '1')}: images/s",
+                result["predict_batch_64_c2"],
+                "images_per_s",
+                "batch_64",
+                0.5,
+            )
+            for n, result in srv["by_workers"].items()
         ),
         (
             "5",

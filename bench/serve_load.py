@@ -170,14 +170,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(model: Path, inference: str) -> tuple[subprocess.Popen, str]:
+def start(model: Path, inference: str, workers: int = 1) -> tuple[subprocess.Popen, str]:
     """`gtsrb serve` on a free port of 127.0.0.1, ready; the caller stops it."""
     port = free_port()
     cmd = [sys.executable, "-m", "gtsrb.cli", "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--inference", inference, "--max-batch", "64"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd += ["--inference", inference, "--max-batch", "64", "--workers", str(workers)]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (kept open as long as the server runs)
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, timeout=180, proc=server)
+    # The first worker ready answers /ready; a load started then would keep all its connections
+    # on that one worker. Each worker logs this line once it accepts connections.
+    deadline = time.monotonic() + 180
+    while log.seek(0) == 0 and log.read().count(b"Application startup complete") < workers:
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.terminate()
+            raise RuntimeError(f"{workers} workers of the server at {url} were not all ready")
+        time.sleep(0.2)
     return server, url
 
 
@@ -186,6 +195,7 @@ def main() -> None:
     ap.add_argument("--model", default="models/model.pt")
     ap.add_argument("--seconds", type=float, default=8.0, help="per load level")
     ap.add_argument("--inference", default="compile")
+    ap.add_argument("--workers", type=int, default=1, help="server processes (gtsrb serve --workers)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     model = Path(args.model)
@@ -197,7 +207,7 @@ def main() -> None:
             model,
         )
         print(f"{args.model} not found: using an untrained {ARCH} (speed only)")
-    server, url = start(model, args.inference)
+    server, url = start(model, args.inference, args.workers)
     try:
         pngs = [sign_png(i) for i in range(64)]
         single = [
