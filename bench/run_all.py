@@ -17,7 +17,7 @@ medians of ``--repeats`` runs with their min-max spread. About 12 minutes on 2 c
 4. The server with 1 and 2 worker processes (`--workers`): /predict at concurrency 8 and
    /predict/batch (64 images) at concurrency 2, loaded by wrk (the Python load generator of
    serve_load.py if wrk is missing), against the bare model's batch-1 and batch-64 throughput
-   through the server's own Predictor.
+   through the server's own Predictor in a fresh process.
 5. `dvc repro` with nothing changed, in a temp repo holding the pipeline; prepare's decoding.
 """
 
@@ -43,7 +43,6 @@ from gtsrb import backends, models
 from gtsrb import params as P
 from gtsrb.evaluate import latency, predict
 from gtsrb.prepare import load_split, prepare
-from gtsrb.serve import Predictor, Settings
 from gtsrb.synthetic import write_archives
 from gtsrb.train import channel_stats, evaluate_split, train
 
@@ -256,15 +255,13 @@ def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, .
         finally:
             stack.terminate()
             stack.wait(timeout=30)
-    # the bare model at its best: one thread per core (the server gives the model one)
-    predictor = Predictor.load(Settings(model=str(model), inference="compile", threads=0))
+    # the bare model at its best: a fresh process, one thread per core (the server gives it one)
     bare = {"batch_1": [], "batch_64": []}
     for _ in range(repeats):
-        bare["batch_1"].append(serve_load.bare(predictor, 1, seconds / 2))
-        bare["batch_64"].append(serve_load.bare(predictor, 64, seconds / 2))
+        for key, rate in serve_load.bare_fresh(model, "compile", seconds / 2).items():
+            bare[key].append(rate)
     return {
         "load_generator": "wrk" if use_wrk else "python",
-        "inference_path": predictor.path,
         "by_workers": by_workers,
         "bare_images_per_s": {k: spread(v) for k, v in bare.items()},
         "http_stack_predict_c8": {"requests_per_s": spread(empty)} if empty else None,
