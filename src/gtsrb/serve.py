@@ -9,14 +9,17 @@
   ``GET /docs`` and ``/openapi.json``.
 
 The model runs in micro-batches (``Batcher``): the images of all requests that arrived while it
-was busy go through one forward pass (a batch of 8 costs about as much as 3 single images
-here). With one model thread (the default), passes of up to 8 images run on the event loop,
-larger ones in the model thread. Decoding runs in a worker thread, unless the request's images
-are small (up to 256 x 256 pixels and 64 KiB in all), which decode faster on the event loop than
-a thread hop takes. Uploads are split by ``split_form`` (plain multipart as browsers, curl and
-httpx send it), anything unusual by Starlette's full parser. Bad input gets a 4xx with a reason,
-never a 500: empty, not an image, truncated, not multipart (422), oversized upload (413), too
-many pixels (413), too many files (413, or 400 from Starlette's parser past its own limit).
+was busy, or were still being read when it became free, go through one forward pass (a batch
+of 8 costs about as much as 3 single images here). With one model thread (the default),
+passes of up to 8 images run on the event loop, larger ones in the model thread. Decoding runs
+in a worker thread, unless the request's images are small (up to 256 x 256 pixels and 64 KiB in
+all), which decode faster on the event loop than a thread hop takes. The upload endpoints are
+plain Starlette routes that read the body themselves (``split_form`` for plain multipart as
+browsers, curl and httpx send it, Starlette's full parser for anything unusual). Bad input gets
+a 4xx with a reason, never a 500: empty, not an image, truncated, not multipart or a bad query
+parameter (422), oversized upload (413), too many pixels (413), too many files (413, or 400
+from Starlette's parser past its own limit). ``serve(workers=N)`` runs N such processes on one
+port (one Python process keeps about one core busy).
 """
 
 from __future__ import annotations

@@ -173,7 +173,9 @@ def container(image: Image) -> Iterator[Container]:
     try:
         # A host port on 127.0.0.1 only, chosen free by Docker (read back with `docker port`).
         # The image's HEALTHCHECK, run every 2 s instead of 30 s so the test can see it pass.
-        docker("run", "-d", "--name", name, "-p", "127.0.0.1::8000", "--health-interval", "2s", image.tag)
+        # Two server processes, as README's `docker run` starts them (one worker per core).
+        ports_and_health = ["-p", "127.0.0.1::8000", "--health-interval", "2s"]
+        docker("run", "-d", "--name", name, *ports_and_health, "-e", "GTSRB_WORKERS=2", image.tag)
         ctr = Container(name)
         ctr.wait_ready()
         yield ctr
@@ -207,12 +209,22 @@ def test_container_serves_predictions(container):
     runtime = httpx.get(container.url + "/model", timeout=5).json()["runtime"]
     assert (runtime["inference_path"], runtime["fallback"]) == ("jit", "")
 
+    def workers_started() -> int:
+        logs = docker("logs", container.name, check=False)
+        return (logs.stdout + logs.stderr).count("Application startup complete")
+
+    deadline = time.monotonic() + 60  # the second worker may still be loading its model
+    while workers_started() < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert workers_started() == 2, container.logs()
+
 
 def test_server_does_not_run_as_root(container):
     assert docker("exec", container.name, "id", "-u").stdout.strip() == "10001"
-    status = docker("exec", container.name, "cat", "/proc/1/status").stdout  # the server itself
-    uid = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
-    assert set(uid) == {"10001"}, status
+    # the server, its workers (and the cat itself): every process of the container
+    status = docker("exec", container.name, "sh", "-c", "cat /proc/[0-9]*/status").stdout
+    uids = [line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")]
+    assert len(uids) >= 4 and {u for uid in uids for u in uid} == {"10001"}, status
 
 
 def test_healthcheck_passes_without_curl(container):
