@@ -194,18 +194,19 @@ def start(model: Path, inference: str, workers: int = 1) -> tuple[subprocess.Pop
     port = free_port()
     cmd = [sys.executable, "-m", "gtsrb.cli", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--inference", inference, "--max-batch", "64", "--workers", str(workers)]
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (kept open as long as the server runs)
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, timeout=180, proc=server)
-    # The first worker ready answers /ready; a load started then would keep all its connections
-    # on that one worker. Each worker logs this line once it accepts connections.
-    deadline = time.monotonic() + 180
-    while log.seek(0) == 0 and log.read().count(b"Application startup complete") < workers:
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.terminate()
-            raise RuntimeError(f"{workers} workers of the server at {url} were not all ready")
-        time.sleep(0.2)
+    with tempfile.TemporaryFile() as log:  # the server keeps its own handle on it
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=180, proc=server)
+        # The first worker ready answers /ready; a load started then would keep all its
+        # connections on that one worker. Each worker logs this line once it accepts them.
+        deadline = time.monotonic() + 180
+        while log.seek(0) == 0 and log.read().count(b"Application startup complete") < workers:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.terminate()
+                server.wait(timeout=30)
+                raise RuntimeError(f"{workers} workers of the server at {url} were not all ready")
+            time.sleep(0.2)
     return server, url
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from gtsrb import LOG_FORMAT
 from gtsrb import params as P
 from gtsrb.errors import GtsrbError
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     try:
         args.func(args)

@@ -52,7 +52,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from gtsrb import backends, inference, models, registry
+from gtsrb import LOG_FORMAT, backends, inference, models, registry
 from gtsrb.errors import GtsrbError
 from gtsrb.prepare import to_model_input
 from gtsrb.train import set_threads
@@ -73,7 +73,8 @@ ROI = [
     {"name": n, "description": "region of interest: all four of x1, y1, x2, y2, or none", "minimum": 0}
     for n in ("x1", "y1", "x2", "y2")
 ]
-_INT = re.compile(r"[+-]?[0-9]{1,9}")
+_INT = re.compile(r"[+-]?[0-9]+")
+_LARGE = 10**18  # stands for any number of more than 18 digits
 WARMUP_RUNS = 3
 # Below both (one small PNG, say), decoding takes less than a trip to a thread (~0.3 ms at most):
 # it runs on the event loop. The byte bound matters as much: a small image can hide a long file.
@@ -265,12 +266,17 @@ def query_ints(request: Request, *specs: dict) -> Any:
         if raw is None:
             values.append(spec.get("default"))
             continue
-        if not _INT.fullmatch(raw):
+        text = raw.strip()  # an unescaped + in a URL reads as a space
+        if not _INT.fullmatch(text):
             raise HTTPException(422, f"query parameter {name}={raw!r} is not an integer")
-        value, low, high = int(raw), spec.get("minimum"), spec.get("maximum")
+        if len(text.lstrip("+-").lstrip("0")) > 18:  # past any range, and past what int() reads
+            value = -_LARGE if text[0] == "-" else _LARGE
+        else:
+            value = int(text)
+        low, high = spec.get("minimum"), spec.get("maximum")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"{low} to {high}" if high is not None else f"{low} or more"
-            raise HTTPException(422, f"query parameter {name}={value} is out of range ({bounds})")
+            raise HTTPException(422, f"query parameter {name}={text} is out of range ({bounds})")
         values.append(value)
     return values[0] if len(specs) == 1 else values
 
@@ -284,7 +290,7 @@ def roi_of(request: Request) -> tuple[int, int, int, int] | None:
     return tuple(box) if all(given) else None
 
 
-def upload_schema(field: str, many: bool, query: tuple[dict, ...] = ()) -> dict:
+def upload_schema(operation_id: str, field: str, many: bool, query: tuple[dict, ...] = ()) -> dict:
     """The OpenAPI operation of an upload endpoint: its query parameters, multipart body and
     responses (its handler reads the request itself)."""
     binary = {"type": "string", "format": "binary"}
@@ -308,6 +314,7 @@ def upload_schema(field: str, many: bool, query: tuple[dict, ...] = ()) -> dict:
     ]
     detail = {"type": "object", "properties": {"detail": {"type": "string"}}}
     return {
+        "operationId": operation_id,
         "parameters": parameters,
         "requestBody": {"required": True, "content": {MULTIPART: {"schema": schema}}},
         "responses": {
@@ -480,6 +487,7 @@ def create_app(predictor: Predictor):
         await asyncio.get_running_loop().run_in_executor(model_thread, predictor.warm_up)
         # What exists now (torch, the graphs: ~450k objects) lives as long as the server: the
         # cyclic GC need not scan it again. Its full collections stalled requests ~100 ms each.
+        gc.collect()  # what is garbage already should not be kept for good
         gc.freeze()
         state["ready"] = True
         log.info("model %s ready (%s, %s)", predictor.version, predictor.runtime["kernels"], predictor.path)
@@ -494,6 +502,7 @@ def create_app(predictor: Predictor):
     )
 
     path_of: dict[Any, str] = {}  # the upload routes' endpoints (Starlette routes)
+    multiprocess = MULTIPROC_ENV in os.environ  # prometheus_client keeps its values in files
 
     async def measured(scope, receive, send):
         """Request count, latency and errors per endpoint (plain ASGI: Starlette's
@@ -598,11 +607,15 @@ def create_app(predictor: Predictor):
         return JSONResponse({"results": results, "model_version": predictor.version})
 
     upload_routes = {
-        "/predict": (predict, "Classify one image", upload_schema("file", many=False, query=(TOP_K, *ROI))),
+        "/predict": (
+            predict,
+            "Classify one image",
+            upload_schema("predict_predict_post", "file", many=False, query=(TOP_K, *ROI)),
+        ),
         "/predict/batch": (
             predict_batch,
             "Classify several images in one forward pass",
-            upload_schema("files", many=True, query=(TOP_K,)),
+            upload_schema("predict_batch_predict_batch_post", "files", many=True, query=(TOP_K,)),
         ),
     }
     for path, (endpoint, _, _) in upload_routes.items():
@@ -635,7 +648,7 @@ def create_app(predictor: Predictor):
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
-        if os.environ.get(MULTIPROC_ENV):  # every worker's counts (their files in that directory)
+        if multiprocess:  # every worker's counts (their files in that directory)
             every_worker = CollectorRegistry()
             MultiProcessCollector(every_worker)
             return Response(generate_latest(every_worker), media_type=CONTENT_TYPE_LATEST)
@@ -673,6 +686,8 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False, wo
     """Serve until stopped. ``workers`` > 1: that many processes share the port (uvicorn's
     supervisor), each with its own model and batcher, and /metrics sums them all."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
     # uvicorn takes uvloop and httptools when installed (the serve extra): 1.5-1.8x the plain
     # asyncio + h11 request rate
@@ -683,20 +698,44 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False, wo
     # what would stop every worker the same way stops the server now, with the reason
     backends.select(settings.backend)
     models.load_checkpoint(settings.model)
-    with tempfile.TemporaryDirectory(prefix="gtsrb-metrics-") as metrics_dir:
+    with contextlib.ExitStack() as stack:
+        metrics_dir = os.environ.get(MULTIPROC_ENV) or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="gtsrb-metrics-")
+        )
         # read by the workers (spawned: they import everything afresh, prometheus_client too)
-        os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
-        os.environ[MULTIPROC_ENV] = metrics_dir
-        uvicorn.run("gtsrb.serve:worker_app", factory=True, workers=workers, **options)
+        handoff = {"settings": dataclasses.asdict(settings), "log_level": logging.getLogger().level}
+        stack.enter_context(_environ({SETTINGS_ENV: json.dumps(handoff), MULTIPROC_ENV: metrics_dir}))
+        config = uvicorn.Config("gtsrb.serve:worker_app", factory=True, workers=workers, **options)
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        raise GtsrbError("a worker failed to start (its error is logged above), so the server stopped")
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``values`` in os.environ for the block (and the processes it starts), then as before."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def worker_app():
-    """The app of one worker process of ``serve(workers=N)``, from the settings it left."""
+    """The app of one worker process of ``serve(workers=N)``, from what the parent handed over."""
+    handoff = json.loads(os.environ[SETTINGS_ENV])
+    logging.basicConfig(level=handoff["log_level"], format=LOG_FORMAT)  # as `gtsrb` sets it up
     with contextlib.suppress(ImportError):  # torch.compile's progress bars would lock with a
         from tqdm import tqdm  # process-shared semaphore, reported leaked when workers stop
 
         tqdm.set_lock(threading.RLock())
-    return create_app(Predictor.load(Settings(**json.loads(os.environ[SETTINGS_ENV]))))
+    return create_app(Predictor.load(Settings(**handoff["settings"])))
 
 
 DEMO_PAGE = """<!doctype html>

@@ -11,13 +11,14 @@ import zlib
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gtsrb.cli import main
 from gtsrb.serve import BadImage, decode
 from tests import archives
 from tests.conftest import set_key, write_params
-from tests.serve.conftest import Server, make_checkpoint, png
+from tests.serve.conftest import Server, free_port, make_checkpoint, png
 
 
 def post(server, data: bytes, name="sign.png", path="/predict", **params):
@@ -62,6 +63,8 @@ def test_health_ready_model_docs_and_demo(server):
     query = {p["name"]: p["schema"] for p in schema["paths"]["/predict"]["post"]["parameters"]}
     assert query["top_k"] == {"type": "integer", "minimum": 1, "maximum": 43, "default": 5}
     assert set(query) == {"top_k", "x1", "y1", "x2", "y2"}
+    operations = [schema["paths"][p]["post"]["operationId"] for p in ("/predict", "/predict/batch")]
+    assert operations == ["predict_predict_post", "predict_batch_predict_batch_post"]  # as before
     page = httpx.get(server.url + "/").text
     assert '<input id="file"' in page and "http://" not in page and "https://" not in page
 
@@ -124,6 +127,9 @@ def test_wrong_content_type_and_params(server):
     for bad, why in (("abc", "top_k='abc' is not an integer"), ("44", "top_k=44 is out of range (1 to 43)")):
         r = post(server, png(), top_k=bad)
         assert r.status_code == 422 and why in r.json()["detail"]
+    r = post(server, png(), top_k="9" * 30)
+    assert r.status_code == 422 and f"top_k={'9' * 30} is out of range (1 to 43)" in r.json()["detail"]
+    assert post(server, png(), top_k=" 2").status_code == 200  # ?top_k=+2 unescaped: a space
     r = post(server, png(), path="/predict/batch", top_k="1.5")
     assert r.status_code == 422 and "top_k='1.5' is not an integer" in r.json()["detail"]
     r = post(server, png(size=(20, 20)), x1=-1, y1=0, x2=10, y2=10)
@@ -239,6 +245,24 @@ def test_workers_share_the_port_and_metrics_count_every_request(tmp_path):
     log = server.log.read_text()
     assert len(set(re.findall(r"Started server process \[(\d+)\]", log))) == 2, log
     assert "leaked" not in log
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_an_error(tmp_path):
+    """A checkpoint that loads but cannot run (normalisation for 2 channels): every worker fails
+    its warm-up; the server exits 1 with an error, and leaves no environment behind."""
+    model = make_checkpoint(tmp_path / "model.pt")
+    ckpt = torch.load(model, weights_only=True)
+    torch.save({**ckpt, "mean": [0.5, 0.5], "std": [0.25, 0.25]}, model)
+    code = (
+        "import os, sys; from gtsrb.cli import main; rc = main(sys.argv[1:]); "
+        "print('left:', [k for k in ('PROMETHEUS_MULTIPROC_DIR', 'GTSRB_SERVE_SETTINGS') if k in os.environ]); "
+        "sys.exit(rc)"
+    )
+    args = ["serve", "--model", str(model), "--port", str(free_port()), "--workers", "2"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "gtsrb serve: error: a worker failed to start" in proc.stderr
+    assert "left: []" in proc.stdout
 
 
 def test_serving_preprocessing_is_prepares(tmp_path, monkeypatch, params):
