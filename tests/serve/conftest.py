@@ -43,21 +43,16 @@ def png(size=(40, 36), color=(200, 20, 30), fmt="PNG") -> bytes:
     return buf.getvalue()
 
 
+def serve_command(model: Path, port: int, *args: str) -> list[str]:
+    """`gtsrb serve` on ``model`` and ``port`` of 127.0.0.1, with ``args``."""
+    return [sys.executable, "-m", "gtsrb.cli", "serve", "--model", str(model), "--port", str(port), *args]
+
+
 class Server:
     def __init__(self, model: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "gtsrb.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--port",
-            str(self.port),
-            *args,
-        ]
+        cmd = serve_command(model, self.port, *args)
         self.log = model.parent / f"serve-{self.port}.log"
         self.proc = subprocess.Popen(
             cmd,

@@ -18,7 +18,7 @@ from gtsrb.cli import main
 from gtsrb.serve import BadImage, decode
 from tests import archives
 from tests.conftest import set_key, write_params
-from tests.serve.conftest import Server, free_port, make_checkpoint, png
+from tests.serve.conftest import Server, free_port, make_checkpoint, png, serve_command
 
 
 def post(server, data: bytes, name="sign.png", path="/predict", **params):
@@ -206,18 +206,7 @@ def test_refuses_to_start_without_a_good_model(tmp_path, damage, workers):
         make_checkpoint(model)
         model.write_bytes(model.read_bytes()[:1000])
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gtsrb.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--port",
-            "1",
-            "--workers",
-            workers,
-        ],
+        serve_command(model, 1, "--workers", workers),
         capture_output=True,
         text=True,
         timeout=120,
@@ -258,7 +247,7 @@ def test_a_worker_that_cannot_start_stops_the_server_with_an_error(tmp_path):
         "print('left:', [k for k in ('PROMETHEUS_MULTIPROC_DIR', 'GTSRB_SERVE_SETTINGS') if k in os.environ]); "
         "sys.exit(rc)"
     )
-    args = ["serve", "--model", str(model), "--port", str(free_port()), "--workers", "2"]
+    args = serve_command(model, free_port(), "--workers", "2")[3:]  # what main() takes: serve ...
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "gtsrb serve: error: a worker failed to start" in proc.stderr
