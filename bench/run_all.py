@@ -14,10 +14,10 @@ medians of ``--repeats`` runs with their min-max spread. About 12 minutes on 2 c
    ours on the same synthetic data; the time our recipe takes to reach the accuracy the seed
    recipe ends with (test accuracy probed every 10 steps, probe time not counted), and our
    images/s per epoch with 1 and 2 threads.
-4. The server with 1 and 2 worker processes (`--workers`): /predict at concurrency 8 and
-   /predict/batch (64 images) at concurrency 2, loaded by wrk (the Python load generator of
-   serve_load.py if wrk is missing), against the bare model's batch-1 and batch-64 throughput
-   through the server's own Predictor in a fresh process.
+4. The server with 1 and 2 worker processes (`--workers`): /predict and /predict/batch (64
+   images) at concurrency 8, and /predict/batch at 2 for reference, loaded by wrk (the Python
+   load generator of serve_load.py if wrk is missing), against the bare model's batch-1 and
+   batch-64 throughput through the server's own Predictor in a fresh process.
 5. `dvc repro` with nothing changed, in a temp repo holding the pipeline; prepare's decoding.
 """
 
@@ -199,48 +199,48 @@ def training_runs(prepared: Path, out: Path, repeats: int) -> dict:
 # 4. Server ---------------------------------------------------------------------------------
 
 
+# The loads on the server: (result key, path, field, images per request, concurrency). The
+# issue's concurrency is 8; /predict/batch at 2 shows what few keep-alive clients get.
+LOADS = (
+    ("predict_c8", "/predict", "file", 1, 8),
+    ("predict_batch_64_c8", "/predict/batch", "files", 64, 8),
+    ("predict_batch_64_c2", "/predict/batch", "files", 64, 2),
+)
+
+
 def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, ...] = (1, 2)) -> dict:
     pngs = [serve_load.sign_png(i) for i in range(64)]
-    single, batch = serve_load.multipart("file", pngs[:1]), serve_load.multipart("files", pngs)
+    single = serve_load.multipart("file", pngs[:1])
     use_wrk = shutil.which("wrk") is not None
-    files = [("files", (f"{i}.png", p)) for i, p in enumerate(pngs)]
     by_workers = {}
     for n in workers:
-        rows: dict[str, list[dict]] = {"predict": [], "predict_batch": []}
+        rows: dict[str, list[dict]] = {key: [] for key, *_ in LOADS}
         server, url = serve_load.start(model, "compile", n)
         try:
             for r in range(repeats):
                 log(
                     f"server round {r + 1}/{repeats}, {n} worker(s) ({'wrk' if use_wrk else 'Python clients'})"
                 )
-                if use_wrk:
-                    rows["predict"].append(serve_load.wrk_burst(url + "/predict", *single, 8, seconds, 1))
-                    rows["predict_batch"].append(
-                        serve_load.wrk_burst(url + "/predict/batch", *batch, 2, seconds, 64)
-                    )
-                else:
-                    rows["predict"].append(
-                        serve_load.burst(
-                            url + "/predict", lambda i: ({"file": ("s.png", pngs[0])}, 1), 8, seconds
+                for key, path, field, images, concurrency in LOADS:
+                    if use_wrk:
+                        body = serve_load.multipart(field, pngs[:images])
+                        burst = serve_load.wrk_burst(url + path, *body, concurrency, seconds, images)
+                    else:
+                        files = [(field, (f"{i}.png", p)) for i, p in enumerate(pngs[:images])]
+                        burst = serve_load.burst(
+                            url + path, lambda i, f=files, k=images: (f, k), concurrency, seconds
                         )
-                    )
-                    rows["predict_batch"].append(
-                        serve_load.burst(url + "/predict/batch", lambda i: (files, 64), 2, seconds)
-                    )
+                    rows[key].append(burst)
         finally:
             server.terminate()
             server.wait(timeout=30)
         by_workers[str(n)] = {
-            "predict_c8": {
-                "requests_per_s": spread([x["requests_per_s"] for x in rows["predict"]]),
-                "p99_ms": spread([x["p99_ms"] for x in rows["predict"]]),
-                "errors": sum(x["errors"] for x in rows["predict"]),
-            },
-            "predict_batch_64_c2": {
-                "images_per_s": spread([x["images_per_s"] for x in rows["predict_batch"]]),
-                "p99_ms": spread([x["p99_ms"] for x in rows["predict_batch"]]),
-                "errors": sum(x["errors"] for x in rows["predict_batch"]),
-            },
+            key: {
+                figure: spread([x[figure] for x in runs])
+                for figure in ("requests_per_s", "images_per_s", "p99_ms")
+            }
+            | {"errors": sum(x["errors"] for x in runs)}
+            for key, runs in rows.items()
         }
     empty = []
     if use_wrk:  # the same upload to an endpoint that does nothing: what the HTTP stack costs
@@ -443,12 +443,13 @@ def report(r: dict) -> str:
         ),
         *(
             server_row(
-                f"/predict/batch, 64 images, concurrency 2, {n} worker{'s' * (n != '1')}: images/s",
-                result["predict_batch_64_c2"],
+                f"/predict/batch, 64 images, concurrency {c}, {n} worker{'s' * (n != '1')}: images/s",
+                result[f"predict_batch_64_c{c}"],
                 "images_per_s",
                 "batch_64",
-                0.5,
+                0.5 if c == 8 else None,
             )
+            for c in (8, 2)
             for n, result in srv["by_workers"].items()
         ),
         (

@@ -1,6 +1,8 @@
-"""The server's own upload splitting, micro-batching and warm-up, against Starlette's parser and real threads."""
+"""The server's own upload splitting, micro-batching, results and warm-up, against Starlette's parser,
+its JSON and real threads."""
 
 import asyncio
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from gtsrb.inference import SMALL_BATCH
-from gtsrb.serve import GATHER_TURNS, Batcher, Predictor, Settings, split_form
+from gtsrb.serve import GATHER_TURNS, Batcher, FastJSON, Predictor, Settings, split_form
 from tests.serve.conftest import make_checkpoint, png
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) + b"\r\n"
@@ -97,6 +100,27 @@ def test_split_form_agrees_with_starlette(files):
 )
 def test_split_form_leaves_anything_unusual_to_starlette(body, content_type):
     assert split_form(body, content_type, 3) is None
+
+
+def test_results_are_each_rows_top_k_in_the_json_starlette_writes():
+    names = [f"class {c}" for c in range(43)]
+    names[14] = "Stop (Halt, arrêt)"  # UTF-8 in the JSON, as Starlette writes it
+    predictor = Predictor(Settings(), ckpt={"class_names": names}, version="v1.2.3")
+    probs = torch.softmax(torch.randn(6, 43, generator=torch.Generator().manual_seed(0)) * 3, 1).numpy()
+    probs[2] = 0
+    probs[2, 14] = 1
+    for k in (1, 5, 43):
+        results = predictor.results(probs, k)
+        assert len(results) == len(probs)
+        for row, result in zip(probs, results, strict=True):
+            expected = sorted(range(43), key=lambda c: -row[c])[:k]
+            assert [e["class_id"] for e in result["top_k"]] == expected
+            assert [e["probability"] for e in result["top_k"]] == [round(float(row[c]), 6) for c in expected]
+            assert result["class_name"] == names[expected[0]] and result["model_version"] == "v1.2.3"
+        body = {"results": results, "model_version": "v1.2.3"}
+        ours, starlettes = FastJSON(body).body, JSONResponse(body).body
+        assert json.loads(ours) == json.loads(starlettes) and "arrêt".encode() in ours
+    assert predictor.results(probs, 1)[2]["class_name"] == "Stop (Halt, arrêt)"
 
 
 def test_batcher_groups_waiting_requests_and_keeps_each_ones_rows():
