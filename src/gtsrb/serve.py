@@ -10,16 +10,16 @@
 
 The model runs in micro-batches (``Batcher``): the images of all requests that arrived while it
 was busy, or were still being read when it became free, go through one forward pass (a batch
-of 8 costs about as much as 3 single images here). With one model thread (the default),
-passes of up to 8 images run on the event loop, larger ones in the model thread. Decoding runs
-in a worker thread, unless the request's images are small (up to 256 x 256 pixels and 64 KiB in
-all), which decode faster on the event loop than a thread hop takes. The upload endpoints are
-plain Starlette routes that read the body themselves (``split_form`` for plain multipart as
-browsers, curl and httpx send it, Starlette's full parser for anything unusual). Bad input gets
-a 4xx with a reason, never a 500: empty, not an image, truncated, not multipart or a bad query
-parameter (422), oversized upload (413), too many pixels (413), too many files (413, or 400
-from Starlette's parser past its own limit). ``serve(workers=N)`` runs N such processes on one
-port (one Python process keeps about one core busy).
+of 8 costs about as much as 3 single images here). With one model thread (the default), the
+passes run on the event loop itself. So does decoding, unless the request's images are large
+(over 64 x 64 x 64 pixels or 1 MiB in all, or one over 256 x 256): those go to a worker
+thread. The upload endpoints are plain Starlette routes that read the body themselves
+(``split_form`` for plain multipart as browsers, curl and httpx send it, Starlette's full
+parser for anything unusual). Bad input gets a 4xx with a reason, never a 500: empty, not an
+image, truncated, not multipart or a bad query parameter (422), oversized upload (413), too
+many pixels (413), too many files (413, or 400 from Starlette's parser past its own limit).
+``serve(workers=N)`` runs N such processes on one port (one Python process keeps about one
+core busy).
 """
 
 from __future__ import annotations
@@ -76,15 +76,14 @@ ROI = [
 _INT = re.compile(r"[+-]?[0-9]+")
 _LARGE = 10**18  # stands for any number of more than 18 digits
 WARMUP_RUNS = 3
-# Below both (one small PNG, say), decoding takes less than a trip to a thread (~0.3 ms at most):
-# it runs on the event loop. The byte bound matters as much: a small image can hide a long file.
-INLINE_DECODE_PIXELS, INLINE_DECODE_BYTES = 256 * 256, 64 * 1024
+# A request's images decode on the event loop when they are small in all: up to 64 x 64 x 64
+# pixels (64 sign crops, ~5 ms here; one image at most 256 x 256) and 1 MiB (a small image can
+# hide a long file). Larger ones go to a thread, so that the loop goes on serving meanwhile.
+INLINE_DECODE_PIXELS, INLINE_IMAGE_PIXELS, INLINE_DECODE_BYTES = 64 * 64 * 64, 256 * 256, 1 << 20
 MULTIPART = "multipart/form-data"
 # How ``serve(workers=N)`` hands the settings to its workers, and prometheus_client's switch to
 # keeping metrics in files that /metrics of any worker sums
 SETTINGS_ENV, MULTIPROC_ENV = "GTSRB_SERVE_SETTINGS", "PROMETHEUS_MULTIPROC_DIR"
-# With one model thread, forward passes of up to this many images (~1 ms) run on the event loop
-INLINE_BATCH = inference.SMALL_BATCH
 # Turns of the event loop the batcher waits for more requests to join a call, while they come
 GATHER_TURNS = 8
 
@@ -542,9 +541,12 @@ def create_app(predictor: Predictor):
             if status >= 400:
                 errors.labels(endpoint, str(status)).inc()
 
-    # One model thread: small batches are cheaper on the event loop than a thread hop and
-    # the hand-offs of the GIL. With more, their pool would fight the event loop for the cores.
-    inline = INLINE_BATCH if predictor.runtime["threads"] == 1 else 0
+    # One model thread: every forward pass runs on the event loop (batch 64: ~5 ms). A thread
+    # frees nothing there, the GIL changing hands costs more (measured with 64 small PNGs per
+    # request: +7% images/s with 2 workers, +17% with 1), and a worker busy with a batch leaves
+    # new connections to an idle one. With more threads, their pool runs the model (else the
+    # pool and the event loop would fight for the cores).
+    inline = settings.max_batch if predictor.runtime["threads"] == 1 else 0
     batcher = Batcher(predictor.probabilities, model_thread, settings.max_batch, inline)
 
     def decode_all(items: list[tuple[str | None, bytes]], roi, small_only: int | None = None) -> np.ndarray:
@@ -589,7 +591,8 @@ def create_app(predictor: Predictor):
         than a thread hop), anything else in one trip to a worker thread."""
         if sum(len(data) for _, data in items) <= INLINE_DECODE_BYTES:  # bounds header parsing too
             with contextlib.suppress(NotSmall):  # each image within its share of the pixel budget
-                return decode_all(items, roi, small_only=INLINE_DECODE_PIXELS // len(items))
+                share = min(INLINE_IMAGE_PIXELS, INLINE_DECODE_PIXELS // len(items))
+                return decode_all(items, roi, small_only=share)
         return await asyncio.to_thread(decode_all, items, roi)
 
     def count(results):

@@ -12,9 +12,11 @@ import pytest
 import torch
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.testclient import TestClient
 
+from gtsrb import serve
 from gtsrb.inference import SMALL_BATCH
-from gtsrb.serve import GATHER_TURNS, Batcher, FastJSON, Predictor, Settings, split_form
+from gtsrb.serve import GATHER_TURNS, Batcher, FastJSON, Predictor, Settings, create_app, split_form
 from tests.serve.conftest import make_checkpoint, png
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) + b"\r\n"
@@ -216,3 +218,40 @@ def test_after_warm_up_no_request_waits_for_a_graph_to_be_built(tmp_path, arch):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch in (1, 3, SMALL_BATCH, 13, 16, 40, 64):
             assert predictor.probabilities(np.zeros((batch, 32, 32, 3), np.uint8)).shape == (batch, 43)
+
+
+def test_small_uploads_decode_and_run_on_the_event_loop_and_large_ones_decode_in_a_thread(
+    tmp_path, monkeypatch
+):
+    """With one model thread, a request of small images never leaves the event loop (a thread
+    hop cost more than it freed); large images decode in a thread, so the loop serves on."""
+    predictor = Predictor.load(Settings(model=str(make_checkpoint(tmp_path / "m.pt")), inference="eager"))
+    threads = {"decode": set(), "model": set()}
+    decode, probabilities = serve.decode, predictor.probabilities
+
+    def traced_decode(*args, **kwargs):
+        image = decode(*args, **kwargs)  # after NotSmall (a header read on the loop): not counted
+        threads["decode"].add(threading.current_thread().name)
+        return image
+
+    def traced_model(images):
+        threads["model"].add(threading.current_thread().name)
+        return probabilities(images)
+
+    monkeypatch.setattr(serve, "decode", traced_decode)
+    predictor.probabilities = traced_model
+    with TestClient(create_app(predictor)) as client:
+
+        def where(sizes: list[tuple[int, int]]) -> str:
+            threads["decode"].clear()
+            threads["model"].clear()
+            files = [("files", (f"{i}.png", png(size))) for i, size in enumerate(sizes)]
+            assert client.post("/predict/batch", files=files).status_code == 200
+            assert len(threads["decode"]) == len(threads["model"]) == 1
+            return "event loop" if threads["decode"] == threads["model"] else "thread"
+
+        assert where([(40, 36)]) == "event loop"
+        assert where([(64, 64)] * 64) == "event loop"  # 64 x 64 x 64 pixels in all
+        assert where([(256, 256), (30, 30)]) == "event loop"
+        assert where([(257, 256)]) == "thread"  # one image over 256 x 256
+        assert where([(65, 64)] * 64) == "thread"
