@@ -222,6 +222,9 @@ def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, .
                     f"server round {r + 1}/{repeats}, {n} worker(s) ({'wrk' if use_wrk else 'Python clients'})"
                 )
                 for key, path, field, images, concurrency in LOADS:
+                    # the last load's requests finish first: a worker still busy with one would
+                    # leave every new connection to the other (keep-alive: for the whole load)
+                    time.sleep(1)
                     if use_wrk:
                         body = serve_load.multipart(field, pngs[:images])
                         burst = serve_load.wrk_burst(url + path, *body, concurrency, seconds, images)

@@ -11,15 +11,15 @@
 The model runs in micro-batches (``Batcher``): the images of all requests that arrived while it
 was busy, or were still being read when it became free, go through one forward pass (a batch
 of 8 costs about as much as 3 single images here). With one model thread (the default), the
-passes run on the event loop itself. So does decoding, unless the request's images are large
-(over 64 x 64 x 64 pixels or 1 MiB in all, or one over 256 x 256): those go to a worker
-thread. The upload endpoints are plain Starlette routes that read the body themselves
-(``split_form`` for plain multipart as browsers, curl and httpx send it, Starlette's full
-parser for anything unusual). Bad input gets a 4xx with a reason, never a 500: empty, not an
-image, truncated, not multipart or a bad query parameter (422), oversized upload (413), too
-many pixels (413), too many files (413, or 400 from Starlette's parser past its own limit).
-``serve(workers=N)`` runs N such processes on one port (one Python process keeps about one
-core busy).
+passes (up to 64 images) run on the event loop itself. Images of up to 256 x 256 pixels and
+32 KiB decode there too, for at most 20 ms per request; larger ones, and the rest of a request
+past that, in a worker thread. The upload endpoints are plain Starlette routes that read the
+body themselves (``split_form`` for plain multipart as browsers, curl and httpx send it,
+Starlette's full parser for anything unusual). Bad input gets a 4xx with a reason, never a
+500: empty, not an image, truncated, not multipart or a bad query parameter (422), oversized
+upload (413), too many pixels (413), too many files (413, or 400 from Starlette's parser past
+its own limit). ``serve(workers=N)`` runs N such processes on one port (one Python process
+keeps about one core busy).
 """
 
 from __future__ import annotations
@@ -76,10 +76,13 @@ ROI = [
 _INT = re.compile(r"[+-]?[0-9]+")
 _LARGE = 10**18  # stands for any number of more than 18 digits
 WARMUP_RUNS = 3
-# A request's images decode on the event loop when they are small in all: up to 64 x 64 x 64
-# pixels (64 sign crops, ~5 ms here; one image at most 256 x 256) and 1 MiB (a small image can
-# hide a long file). Larger ones go to a thread, so that the loop goes on serving meanwhile.
-INLINE_DECODE_PIXELS, INLINE_IMAGE_PIXELS, INLINE_DECODE_BYTES = 64 * 64 * 64, 256 * 256, 1 << 20
+# Images of up to 256 x 256 pixels and 32 KiB decode on the event loop (a sign crop: ~0.1 ms),
+# for at most 20 ms per request (64 crops take ~5 ms); the rest of the request's images, and any
+# larger one, in a thread, so that the loop serves on meanwhile. The byte bound matters as much:
+# a small image can hide a long file (32 KiB of tiny PNG chunks: ~6 ms).
+INLINE_IMAGE_PIXELS, INLINE_IMAGE_BYTES, INLINE_DECODE_SECONDS = 256 * 256, 32 * 1024, 0.02
+# With one model thread, forward passes of up to this many images (~5 ms) run on the event loop
+INLINE_BATCH = 64
 MULTIPART = "multipart/form-data"
 # How ``serve(workers=N)`` hands the settings to its workers, and prometheus_client's switch to
 # keeping metrics in files that /metrics of any worker sums
@@ -154,6 +157,8 @@ class Predictor:
     def results(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Class probabilities [N, 43] -> one result per image: its top ``k`` classes, most
         likely first (one sort and one conversion to Python numbers for the whole batch)."""
+        if not np.isfinite(probs).all():  # orjson would write null: a broken model is a 500
+            raise ValueError(f"model {self.version} gave non-finite probabilities (NaN or inf)")
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # ties: the lower class id first
         values = np.take_along_axis(probs, top, 1).tolist()
         names, out = self.ckpt["class_names"], []
@@ -541,22 +546,19 @@ def create_app(predictor: Predictor):
             if status >= 400:
                 errors.labels(endpoint, str(status)).inc()
 
-    # One model thread: every forward pass runs on the event loop (batch 64: ~5 ms). A thread
+    # One model thread: forward passes run on the event loop (up to INLINE_BATCH). A thread
     # frees nothing there, the GIL changing hands costs more (measured with 64 small PNGs per
     # request: +7% images/s with 2 workers, +17% with 1), and a worker busy with a batch leaves
     # new connections to an idle one. With more threads, their pool runs the model (else the
     # pool and the event loop would fight for the cores).
-    inline = settings.max_batch if predictor.runtime["threads"] == 1 else 0
+    inline = INLINE_BATCH if predictor.runtime["threads"] == 1 else 0
     batcher = Batcher(predictor.probabilities, model_thread, settings.max_batch, inline)
 
-    def decode_all(items: list[tuple[str | None, bytes]], roi, small_only: int | None = None) -> np.ndarray:
-        images = []
-        for name, data in items:
-            try:
-                images.append(decode(data, predictor.image_size, settings.max_pixels, roi, small_only))
-            except BadImage as exc:
-                raise HTTPException(exc.status, (f"{name}: " if name else "") + exc.detail) from None
-        return np.stack(images)
+    def decode_one(name: str | None, data: bytes, roi, small_only: int | None = None) -> np.ndarray:
+        try:
+            return decode(data, predictor.image_size, settings.max_pixels, roi, small_only)
+        except BadImage as exc:
+            raise HTTPException(exc.status, (f"{name}: " if name else "") + exc.detail) from None
 
     async def uploads(request: Request, field: str) -> list[tuple[str | None, bytes]]:
         """The files of ``field`` in the request's multipart body, as (filename, bytes)."""
@@ -588,12 +590,19 @@ def create_app(predictor: Predictor):
 
     async def decode_uploads(items: list[tuple[str | None, bytes]], roi) -> np.ndarray:
         """All uploads of a request -> one uint8 batch: small images on the event loop (cheaper
-        than a thread hop), anything else in one trip to a worker thread."""
-        if sum(len(data) for _, data in items) <= INLINE_DECODE_BYTES:  # bounds header parsing too
-            with contextlib.suppress(NotSmall):  # each image within its share of the pixel budget
-                share = min(INLINE_IMAGE_PIXELS, INLINE_DECODE_PIXELS // len(items))
-                return decode_all(items, roi, small_only=share)
-        return await asyncio.to_thread(decode_all, items, roi)
+        than a thread hop), from the first one that is not, or after INLINE_DECODE_SECONDS, the
+        rest in one trip to a worker thread."""
+        images: list[np.ndarray] = []
+        deadline = time.perf_counter() + INLINE_DECODE_SECONDS
+        with contextlib.suppress(NotSmall):  # a large image, once its header is read
+            for name, data in items:
+                if len(data) > INLINE_IMAGE_BYTES or time.perf_counter() > deadline:
+                    break
+                images.append(decode_one(name, data, roi, small_only=INLINE_IMAGE_PIXELS))
+        if len(images) < len(items):
+            rest = items[len(images) :]
+            images += await asyncio.to_thread(lambda: [decode_one(*item, roi) for item in rest])
+        return np.stack(images)
 
     def count(results):
         for r in results:

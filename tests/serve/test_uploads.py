@@ -123,6 +123,9 @@ def test_results_are_each_rows_top_k_in_the_json_starlette_writes():
         ours, starlettes = FastJSON(body).body, JSONResponse(body).body
         assert json.loads(ours) == json.loads(starlettes) and "arrêt".encode() in ours
     assert predictor.results(probs, 1)[2]["class_name"] == "Stop (Halt, arrêt)"
+    probs[4, 7] = np.nan
+    with pytest.raises(ValueError, match=r"model v1\.2\.3 gave non-finite probabilities"):
+        predictor.results(probs, 5)
 
 
 def test_batcher_groups_waiting_requests_and_keeps_each_ones_rows():
@@ -210,11 +213,13 @@ def test_batcher_waits_for_requests_still_being_read_while_they_keep_coming():
 @pytest.mark.parametrize("arch", ["traffic_sign_net", "fast_sign_net"])
 def test_after_warm_up_no_request_waits_for_a_graph_to_be_built(tmp_path, arch):
     """Every batch size a request can bring runs a graph that warm-up built: no recompilation
-    (a request that set one off waited seconds)."""
+    (a request that set one off waited seconds). Warm-up runs in the model thread and the
+    requests on the event loop's, as in the server."""
     model = make_checkpoint(tmp_path / "model.pt", arch)
     predictor = Predictor.load(Settings(model=str(model), inference="compile"))
     assert predictor.path == "compile", predictor.runtime["fallback"]
-    predictor.warm_up()
+    with ThreadPoolExecutor(1) as model_thread:
+        model_thread.submit(predictor.warm_up).result()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch in (1, 3, SMALL_BATCH, 13, 16, 40, 64):
             assert predictor.probabilities(np.zeros((batch, 32, 32, 3), np.uint8)).shape == (batch, 43)
@@ -224,34 +229,40 @@ def test_small_uploads_decode_and_run_on_the_event_loop_and_large_ones_decode_in
     tmp_path, monkeypatch
 ):
     """With one model thread, a request of small images never leaves the event loop (a thread
-    hop cost more than it freed); large images decode in a thread, so the loop serves on."""
+    hop cost more than it freed); large images, and whatever outlasts the loop's time budget,
+    decode in a thread, so the loop serves on."""
     predictor = Predictor.load(Settings(model=str(make_checkpoint(tmp_path / "m.pt")), inference="eager"))
-    threads = {"decode": set(), "model": set()}
+    threads = {"decode": [], "model": []}
     decode, probabilities = serve.decode, predictor.probabilities
 
     def traced_decode(*args, **kwargs):
         image = decode(*args, **kwargs)  # after NotSmall (a header read on the loop): not counted
-        threads["decode"].add(threading.current_thread().name)
+        threads["decode"].append(threading.current_thread().name)
         return image
 
     def traced_model(images):
-        threads["model"].add(threading.current_thread().name)
+        threads["model"].append(threading.current_thread().name)
         return probabilities(images)
 
     monkeypatch.setattr(serve, "decode", traced_decode)
+    monkeypatch.setattr(serve, "INLINE_DECODE_SECONDS", 60.0)  # where images go, not how fast
     predictor.probabilities = traced_model
     with TestClient(create_app(predictor)) as client:
+        loop = client.portal.call(threading.current_thread).name  # the thread of the app's loop
 
-        def where(sizes: list[tuple[int, int]]) -> str:
+        def where(uploads: list[bytes]) -> list[str]:
+            """Where each image decoded: "loop" or "thread"; the model must have run on the loop."""
             threads["decode"].clear()
             threads["model"].clear()
-            files = [("files", (f"{i}.png", png(size))) for i, size in enumerate(sizes)]
+            files = [("files", (f"{i}.png", data)) for i, data in enumerate(uploads)]
             assert client.post("/predict/batch", files=files).status_code == 200
-            assert len(threads["decode"]) == len(threads["model"]) == 1
-            return "event loop" if threads["decode"] == threads["model"] else "thread"
+            assert threads["model"] == [loop]
+            return ["loop" if name == loop else "thread" for name in threads["decode"]]
 
-        assert where([(40, 36)]) == "event loop"
-        assert where([(64, 64)] * 64) == "event loop"  # 64 x 64 x 64 pixels in all
-        assert where([(256, 256), (30, 30)]) == "event loop"
-        assert where([(257, 256)]) == "thread"  # one image over 256 x 256
-        assert where([(65, 64)] * 64) == "thread"
+        assert where([png((40, 36))]) == ["loop"]
+        assert where([png((64, 64))] * 64) == ["loop"] * 64
+        assert where([png((256, 256), fmt="JPEG"), png()]) == ["loop"] * 2
+        assert where([png((257, 256), fmt="JPEG")]) == ["thread"]  # over 256 x 256 pixels
+        assert where([png(), png((160, 160)), png()]) == ["loop", "thread", "thread"]  # over 32 KiB
+        monkeypatch.setattr(serve, "INLINE_DECODE_SECONDS", 0.0)  # no time left for the loop
+        assert where([png()] * 3) == ["thread"] * 3
