@@ -3,7 +3,7 @@
     python bench/run_all.py [--repeats 3] [--out bench]
 
 Writes ``results.json`` (every run's numbers) and ``results.md`` (the table in README.md):
-medians of ``--repeats`` runs with their min-max spread. About 12 minutes on 2 cores.
+medians of ``--repeats`` runs with their min-max spread. About 13 minutes on 2 cores.
 
 1. Inference at batch 64 and 1: the learning path's eager code (a fresh process, NCHW, the
    model as trained, nothing tuned: how its test script runs) against the path `gtsrb evaluate`
