@@ -210,8 +210,13 @@ LOADS = (
 
 def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, ...] = (1, 2)) -> dict:
     pngs = [serve_load.sign_png(i) for i in range(64)]
-    single = serve_load.multipart("file", pngs[:1])
     use_wrk = shutil.which("wrk") is not None
+    # each load's request: (body, content type) for wrk, the files for Python clients
+    bodies = {key: serve_load.multipart(field, pngs[:images]) for key, _, field, images, _ in LOADS}
+    files = {
+        key: [(field, (f"{i}.png", p)) for i, p in enumerate(pngs[:images])]
+        for key, _, field, images, _ in LOADS
+    }
     by_workers = {}
     for n in workers:
         rows: dict[str, list[dict]] = {key: [] for key, *_ in LOADS}
@@ -221,18 +226,15 @@ def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, .
                 log(
                     f"server round {r + 1}/{repeats}, {n} worker(s) ({'wrk' if use_wrk else 'Python clients'})"
                 )
-                for key, path, field, images, concurrency in LOADS:
+                for key, path, _, images, concurrency in LOADS:
                     # the last load's requests finish first: a worker still busy with one would
                     # leave every new connection to the other (keep-alive: for the whole load)
                     time.sleep(1)
                     if use_wrk:
-                        body = serve_load.multipart(field, pngs[:images])
-                        burst = serve_load.wrk_burst(url + path, *body, concurrency, seconds, images)
+                        burst = serve_load.wrk_burst(url + path, *bodies[key], concurrency, seconds, images)
                     else:
-                        files = [(field, (f"{i}.png", p)) for i, p in enumerate(pngs[:images])]
-                        burst = serve_load.burst(
-                            url + path, lambda i, f=files, k=images: (f, k), concurrency, seconds
-                        )
+                        request = (files[key], images)
+                        burst = serve_load.burst(url + path, lambda i, r=request: r, concurrency, seconds)
                     rows[key].append(burst)
         finally:
             server.terminate()
@@ -253,7 +255,9 @@ def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, .
         try:
             serve_load.wait_ready(f"http://127.0.0.1:{port}", timeout=60, proc=stack)
             for _ in range(repeats):
-                burst = serve_load.wrk_burst(f"http://127.0.0.1:{port}/predict", *single, 8, seconds, 1)
+                burst = serve_load.wrk_burst(
+                    f"http://127.0.0.1:{port}/predict", *bodies["predict_c8"], 8, seconds, 1
+                )
                 empty.append(burst["requests_per_s"])
         finally:
             stack.terminate()
@@ -261,10 +265,12 @@ def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, .
     # the bare model at its best: a fresh process, one thread per core (the server gives it one)
     bare = {"batch_1": [], "batch_64": []}
     for _ in range(repeats):
-        for key, rate in serve_load.bare_fresh(model, "compile", seconds / 2).items():
+        rates, path = serve_load.bare_fresh(model, "compile", seconds / 2)
+        for key, rate in rates.items():
             bare[key].append(rate)
     return {
         "load_generator": "wrk" if use_wrk else "python",
+        "inference_path": path,
         "by_workers": by_workers,
         "bare_images_per_s": {k: spread(v) for k, v in bare.items()},
         "http_stack_predict_c8": {"requests_per_s": spread(empty)} if empty else None,

@@ -164,14 +164,16 @@ def bare(predictor: Predictor, batch: int, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-def bare_fresh(model: Path, inference: str, seconds: float) -> dict[str, float]:
+def bare_fresh(model: Path, inference: str, seconds: float) -> tuple[dict[str, float], str]:
     """``bare`` at batch 1 and 64 in a fresh process, one thread per core: the model at its best.
-    Measured in a process that had trained models before, it ran ~12% slower here."""
+    Measured in a process that had trained models before, it ran ~12% slower here. Returns the
+    images/s by batch and the inference path that ran."""
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import serve_load as s; "
         "from gtsrb.serve import Predictor, Settings; "
         "p = Predictor.load(Settings(model=sys.argv[2], inference=sys.argv[3], threads=0)); "
-        "print(json.dumps({'batch_1': s.bare(p, 1, float(sys.argv[4])), 'batch_64': s.bare(p, 64, float(sys.argv[4]))}))"
+        "t = float(sys.argv[4]); "
+        "print(json.dumps([{'batch_1': s.bare(p, 1, t), 'batch_64': s.bare(p, 64, t)}, p.path]))"
     )
     here = str(Path(__file__).resolve().parent)
     out = subprocess.run(
@@ -180,7 +182,8 @@ def bare_fresh(model: Path, inference: str, seconds: float) -> dict[str, float]:
         text=True,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    rates, path = json.loads(out.stdout.strip().splitlines()[-1])
+    return rates, path
 
 
 def free_port() -> int:
@@ -241,9 +244,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    rates = bare_fresh(model, args.inference, args.seconds / 2)
+    rates, path = bare_fresh(model, args.inference, args.seconds / 2)
     bare1, bare64 = rates["batch_1"], rates["batch_64"]
-    print(f"bare model ({args.inference}): {bare1:.0f} images/s at batch 1, {bare64:.0f} at batch 64")
+    print(f"bare model ({path}): {bare1:.0f} images/s at batch 1, {bare64:.0f} at batch 64")
     print("| endpoint | concurrency | requests/s | images/s | p50 ms | p99 ms | errors | vs bare |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, rows, base in (("/predict", single, bare1), ("/predict/batch (64)", batches, bare64)):

@@ -217,8 +217,9 @@ def test_refuses_to_start_without_a_good_model(tmp_path, damage, workers):
 
 
 def test_workers_share_the_port_and_metrics_count_every_request(tmp_path):
-    """Two worker processes: requests on fresh connections spread over both, and /metrics,
-    whichever worker answers, counts all of them."""
+    """Two worker processes start on one port, and /metrics, whichever worker answers, counts
+    every request (each on a fresh connection, so both workers take some: without the
+    multiprocess collector, scrapes disagreed, 15 against 30)."""
     server = Server(make_checkpoint(tmp_path / "model.pt"), "--workers", "2").wait_ready()
     try:
         answers = [post(server, png()) for _ in range(30)]  # a new connection each
