@@ -52,7 +52,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from gtsrb import LOG_FORMAT, backends, inference, models, registry
+from gtsrb import LOG_FORMAT, backends, inference, models, png, registry
 from gtsrb.errors import GtsrbError
 from gtsrb.prepare import to_model_input
 from gtsrb.train import set_threads
@@ -199,17 +199,21 @@ def decode(
         # ``max_pixels`` is the limit. Pillow's DecompressionBombWarning (past 89 M pixels) is
         # not made an error: catch_warnings is not thread-safe, and images decode on the event
         # loop and in worker threads at once.
-        img = Image.open(io.BytesIO(data))
+        img = png.read(data, max_pixels if small_only is None else min(max_pixels, small_only))
+        if img is None:  # not a plain PNG, or too large for one: Pillow's readers, checks first
+            img = Image.open(io.BytesIO(data))
+            pixels = img.width * img.height
+            if img.format not in FORMATS:
+                raise BadImage(415, f"unsupported image format {img.format}; send PPM, PNG, JPEG or WebP")
+            if pixels > max_pixels:
+                raise BadImage(
+                    413,
+                    f"image too large: {img.width}x{img.height} pixels, more than the limit of {max_pixels}",
+                )
+            if small_only is not None and pixels > small_only:
+                raise NotSmall
+            img.load()
         width, height = img.size
-        if img.format not in FORMATS:
-            raise BadImage(415, f"unsupported image format {img.format}; send PPM, PNG, JPEG or WebP")
-        if width * height > max_pixels:
-            raise BadImage(
-                413, f"image too large: {width}x{height} pixels, more than the limit of {max_pixels}"
-            )
-        if small_only is not None and width * height > small_only:
-            raise NotSmall
-        img.load()
     except (BadImage, NotSmall):
         raise
     except Image.DecompressionBombError as exc:
