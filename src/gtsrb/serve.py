@@ -25,6 +25,7 @@ keeps about one core busy).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -248,19 +249,18 @@ def split_form(body: bytes, content_type: bytes, max_parts: int) -> list[tuple[s
     found = _BOUNDARY.fullmatch(content_type)
     if not found:
         return None
-    delimiter = b"\r\n--" + (found.group(1) or found.group(2))
-    if body.count(delimiter[2:]) > max_parts + 1:
+    dash_boundary = b"--" + (found.group(1) or found.group(2))
+    if not body.startswith(dash_boundary):
         return None
-    chunks = (b"\r\n" + body).split(delimiter)
-    if chunks[0] or len(chunks) < 3 or chunks[-1] not in (b"--", b"--\r\n"):
-        return None
-    parts = []
-    for chunk in chunks[1:-1]:
-        head, blank, data = chunk.partition(b"\r\n\r\n")
-        if not blank or not head.startswith(b"\r\n"):
+    # One scan for the delimiters and one copy of each file (splitting the body cost 3 copies)
+    delimiter, parts, pos = b"\r\n" + dash_boundary, [], len(dash_boundary)
+    while not body.startswith(b"--", pos):  # the last delimiter ends with "--"
+        end = body.find(delimiter, pos)
+        blank = body.find(b"\r\n\r\n", pos, end)
+        if end < 0 or len(parts) == max_parts or blank < 0 or not body.startswith(b"\r\n", pos):
             return None
         name = filename = None
-        for line in head[2:].split(b"\r\n"):
+        for line in body[pos + 2 : blank].split(b"\r\n"):
             header = _PART_HEADER.fullmatch(line)
             if not header:
                 return None
@@ -268,7 +268,10 @@ def split_form(body: bytes, content_type: bytes, max_parts: int) -> list[tuple[s
                 name, filename = header.group(1), header.group(2)
         if name is None or filename is None:
             return None
-        parts.append((_text(name), _text(filename), data))
+        parts.append((_text(name), _text(filename), body[blank + 4 : end]))
+        pos = end + len(delimiter)
+    if not parts or body[pos:] not in (b"--", b"--\r\n"):
+        return None
     return parts
 
 
@@ -609,8 +612,11 @@ def create_app(predictor: Predictor):
         return np.stack(images)
 
     def count(results):
-        for r in results:
-            predictions.labels(str(r["class_id"]), r["class_name"]).inc()
+        """The predictions counter, once per class of ``results`` (a batch: ~0.2 ms less)."""
+        for (class_id, name), n in collections.Counter(
+            (r["class_id"], r["class_name"]) for r in results
+        ).items():
+            predictions.labels(str(class_id), name).inc(n)
 
     # The upload endpoints read the upload themselves (``uploads``), answer with a JSONResponse
     # and are plain Starlette routes of the app: FastAPI's form, response and dependency
