@@ -178,7 +178,8 @@ def to_model_input(img: Image.Image, box: tuple[float, float, float, float] | No
     """
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
+    resized = img.resize((size, size), Image.BILINEAR, box=box)
+    return np.frombuffer(resized.tobytes(), np.uint8).reshape(size, size, 3)  # np.asarray: +1.5 us
 
 
 _zips: dict[str, zipfile.ZipFile] = {}
