@@ -90,6 +90,8 @@ MULTIPART = "multipart/form-data"
 SETTINGS_ENV, MULTIPROC_ENV = "GTSRB_SERVE_SETTINGS", "PROMETHEUS_MULTIPROC_DIR"
 # Turns of the event loop the batcher waits for more requests to join a call, while they come
 GATHER_TURNS = 8
+# Several workers: how long a worker that serves several keep-alive connections keeps each
+RECONNECT_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,37 @@ class BadImage(Exception):
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
         self.status, self.detail = status, detail
+
+
+class Reconnects:
+    """Several workers share the port, but a keep-alive connection stays with the worker that
+    accepted it, and an idle worker accepts every connection waiting (uvloop takes them all at
+    once): the 8 connections a client opens together could all land on one worker, the other
+    idle for as long as they live. So a worker that serves several connections asks each to
+    reconnect ("Connection: close") once it is ``seconds`` old, and the worker that is free is
+    the likelier to accept the new one. Its only connection, a worker keeps."""
+
+    def __init__(self, seconds: float = RECONNECT_SECONDS):
+        self.seconds = seconds
+        self.seen: dict[tuple, list[float]] = {}  # client (host, port) -> [first, last request]
+        self.swept = 0.0
+
+    def close(self, client, now: float) -> bool:
+        """Whether the answer to ``client``'s request at ``now`` closes its connection."""
+        if not client or not client[1]:  # no peer address, or one rewritten by --proxy-headers
+            return False
+        key = tuple(client)
+        seen = self.seen.setdefault(key, [now, now])
+        seen[1] = now
+        if now - seen[0] < self.seconds:
+            return False
+        if now - self.swept > self.seconds:  # forget the connections that went quiet
+            self.swept = now
+            self.seen = {k: v for k, v in self.seen.items() if now - v[1] <= self.seconds}
+        if len(self.seen) < 2:
+            return False
+        del self.seen[key]
+        return True
 
 
 @dataclass
@@ -530,6 +563,8 @@ def create_app(predictor: Predictor):
     path_of: dict[Any, str] = {}  # the upload routes' endpoints (Starlette routes)
     multiprocess = MULTIPROC_ENV in os.environ  # prometheus_client keeps its values in files
 
+    reconnects = Reconnects() if multiprocess else None
+
     async def measured(scope, receive, send):
         """Request count, latency and errors per endpoint (plain ASGI: Starlette's
         BaseHTTPMiddleware costs a task group and two streams per request)."""
@@ -541,6 +576,8 @@ def create_app(predictor: Predictor):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if reconnects and reconnects.close(scope.get("client"), time.monotonic()):
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
         try:

@@ -6,16 +6,18 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
 
 from gtsrb.cli import main
-from gtsrb.serve import BadImage, decode
+from gtsrb.serve import RECONNECT_SECONDS, BadImage, Reconnects, decode
 from tests import archives
 from tests.conftest import set_key, write_params
 from tests.serve.conftest import Server, free_port, make_checkpoint, png, serve_command
@@ -235,6 +237,54 @@ def test_workers_share_the_port_and_metrics_count_every_request(tmp_path):
     log = server.log.read_text()
     assert len(set(re.findall(r"Started server process \[(\d+)\]", log))) == 2, log
     assert "leaked" not in log
+
+
+def test_a_worker_asks_its_older_connections_to_reconnect_but_keeps_its_only_one():
+    r, a, b = Reconnects(seconds=1.0), ("10.0.0.1", 5000), ("10.0.0.1", 5001)
+    assert not any(r.close(a, t) for t in (0.0, 0.5, 1.5, 3.0))  # alone: kept, however old
+    assert not r.close(b, 3.1) and r.close(a, 3.2)  # a second one: the old one goes
+    assert not r.close(b, 3.9) and r.close(b, 4.2) is False  # b is alone again
+    assert not r.close(a, 4.3) and not r.close(a, 5.2)  # a new connection on a's address: young
+    assert r.close(b, 5.3)  # b is old, and a is there
+    assert not r.close(b, 5.4)  # b's new connection
+    assert not r.close(a, 7.0)  # b went quiet for over a second: forgotten, a is alone
+    assert not r.close(("10.0.0.2", 0), 9.0) and not r.close(None, 9.0)  # no peer to tell apart
+
+
+def test_connections_opened_at_once_spread_over_the_workers(tmp_path):
+    """8 keep-alive clients that start together may all land on one worker (it accepts every
+    waiting connection at once). Told to reconnect after RECONNECT_SECONDS, they spread over
+    both workers within a few seconds, and every request is answered."""
+    server = Server(make_checkpoint(tmp_path / "model.pt"), "--workers", "2").wait_ready()
+    body = png()
+    stop = time.monotonic() + 10 * RECONNECT_SECONDS
+    statuses, closed, lock = [], [], threading.Lock()
+
+    def client():
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < stop:
+                r = c.post(server.url + "/predict", files={"file": ("s.png", body)})
+                with lock:
+                    statuses.append(r.status_code)
+                    closed.append(r.headers.get("connection") == "close")
+
+    try:
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for t in clients:
+            t.start()
+        time.sleep(8 * RECONNECT_SECONDS)  # the clients still at work
+        processes = psutil.Process(server.proc.pid).children()
+        workers = [p for p in processes if "spawn_main" in " ".join(p.cmdline())]  # not the resource tracker
+        held = [
+            sum(c.laddr.port == server.port and c.status == "ESTABLISHED" for c in w.net_connections("tcp"))
+            for w in workers
+        ]
+        for t in clients:
+            t.join()
+    finally:
+        server.stop()
+    assert len(held) == 2 and min(held) >= 1 and sum(held) == 8, held
+    assert set(statuses) == {200} and any(closed)
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_an_error(tmp_path):
