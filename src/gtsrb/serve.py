@@ -19,7 +19,9 @@ Starlette's full parser for anything unusual). Bad input gets a 4xx with a reaso
 500: empty, not an image, truncated, not multipart or a bad query parameter (422), oversized
 upload (413), too many pixels (413), too many files (413, or 400 from Starlette's parser past
 its own limit). ``serve(workers=N)`` runs N such processes on one port (one Python process
-keeps about one core busy).
+keeps about one core busy); a worker that serves several keep-alive connections asks each to
+reconnect once it is RECONNECT_SECONDS old (``Reconnects``), so that they spread over the
+workers.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ _INT = re.compile(r"[+-]?[0-9]+")
 _LARGE = 10**18  # stands for any number of more than 18 digits
 WARMUP_RUNS = 3
 # Images of up to 256 x 256 pixels and 32 KiB decode on the event loop (a sign crop: ~0.1 ms),
-# for at most 20 ms per request (64 crops take ~5 ms); the rest of the request's images, and any
+# for at most 20 ms per request (64 crops take ~3 ms); the rest of the request's images, and any
 # larger one, in a thread, so that the loop serves on meanwhile. The byte bound matters as much:
 # a small image can hide a long file (32 KiB of tiny PNG chunks: ~6 ms).
 INLINE_IMAGE_PIXELS, INLINE_IMAGE_BYTES, INLINE_DECODE_SECONDS = 256 * 256, 32 * 1024, 0.02
@@ -116,29 +118,34 @@ class Reconnects:
     """Several workers share the port, but a keep-alive connection stays with the worker that
     accepted it, and an idle worker accepts every connection waiting (uvloop takes them all at
     once): the 8 connections a client opens together could all land on one worker, the other
-    idle for as long as they live. So a worker that serves several connections asks each to
-    reconnect ("Connection: close") once it is ``seconds`` old, and the worker that is free is
-    the likelier to accept the new one. Its only connection, a worker keeps."""
+    idle for as long as they live. So a worker that has served several connections in the last
+    ``seconds`` asks each (at most ``budget`` in that time) to reconnect once it is ``seconds``
+    old, with "Connection: close" on a successful answer, and the worker that is free is the
+    likelier to accept the new one. Its only connection, a worker keeps. Requests that came
+    through a proxy (X-Forwarded-For) are left alone: the proxy spreads them."""
 
-    def __init__(self, seconds: float = RECONNECT_SECONDS):
-        self.seconds = seconds
+    def __init__(self, seconds: float = RECONNECT_SECONDS, budget: int = 8):
+        self.seconds, self.budget = seconds, budget
         self.seen: dict[tuple, list[float]] = {}  # client (host, port) -> [first, last request]
-        self.swept = 0.0
+        self.period, self.left = -seconds, budget
 
-    def close(self, client, now: float) -> bool:
-        """Whether the answer to ``client``'s request at ``now`` closes its connection."""
-        if not client or not client[1]:  # no peer address, or one rewritten by --proxy-headers
+    def should_close(self, scope: dict, now: float) -> bool:
+        """Whether the answer to this request (at ``now``) should close its connection."""
+        client = scope.get("client")
+        if not client or any(name == b"x-forwarded-for" for name, _ in scope["headers"]):
             return False
-        key = tuple(client)
-        seen = self.seen.setdefault(key, [now, now])
-        seen[1] = now
-        if now - seen[0] < self.seconds:
-            return False
-        if now - self.swept > self.seconds:  # forget the connections that went quiet
-            self.swept = now
+        if now - self.period > self.seconds:  # a new period: forget the connections gone quiet
+            self.period, self.left = now, self.budget
             self.seen = {k: v for k, v in self.seen.items() if now - v[1] <= self.seconds}
-        if len(self.seen) < 2:
+        key = tuple(client)
+        seen = self.seen.get(key)
+        if seen is None or now - seen[1] > self.seconds:  # new, or quiet for a while: as new
+            self.seen[key] = [now, now]
             return False
+        seen[1] = now
+        if now - seen[0] < self.seconds or len(self.seen) < 2 or not self.left:
+            return False
+        self.left -= 1
         del self.seen[key]
         return True
 
@@ -518,8 +525,8 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"upload larger than the limit of {limit} bytes")
 
 
-def create_app(predictor: Predictor):
-    """The FastAPI app around a loaded predictor."""
+def create_app(predictor: Predictor, workers: int = 1):
+    """The FastAPI app around a loaded predictor, in one of ``workers`` processes."""
     settings = predictor.settings
     metrics_registry = CollectorRegistry()
     requests = Counter(
@@ -563,7 +570,7 @@ def create_app(predictor: Predictor):
     path_of: dict[Any, str] = {}  # the upload routes' endpoints (Starlette routes)
     multiprocess = MULTIPROC_ENV in os.environ  # prometheus_client keeps its values in files
 
-    reconnects = Reconnects() if multiprocess else None
+    reconnects = Reconnects() if workers > 1 else None
 
     async def measured(scope, receive, send):
         """Request count, latency and errors per endpoint (plain ASGI: Starlette's
@@ -576,7 +583,7 @@ def create_app(predictor: Predictor):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if reconnects and reconnects.close(scope.get("client"), time.monotonic()):
+                if reconnects and status < 400 and reconnects.should_close(scope, time.monotonic()):
                     message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
@@ -777,7 +784,11 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False, wo
             tempfile.TemporaryDirectory(prefix="gtsrb-metrics-")
         )
         # read by the workers (spawned: they import everything afresh, prometheus_client too)
-        handoff = {"settings": dataclasses.asdict(settings), "log_level": logging.getLogger().level}
+        handoff = {
+            "settings": dataclasses.asdict(settings),
+            "log_level": logging.getLogger().level,
+            "workers": workers,
+        }
         stack.enter_context(_environ({SETTINGS_ENV: json.dumps(handoff), MULTIPROC_ENV: metrics_dir}))
         config = uvicorn.Config("gtsrb.serve:worker_app", factory=True, workers=workers, **options)
         supervisor = Multiprocess(config, sockets=[config.bind_socket()])
@@ -809,7 +820,7 @@ def worker_app():
         from tqdm import tqdm  # process-shared semaphore, reported leaked when workers stop
 
         tqdm.set_lock(threading.RLock())
-    return create_app(Predictor.load(Settings(**handoff["settings"])))
+    return create_app(Predictor.load(Settings(**handoff["settings"])), handoff["workers"])
 
 
 DEMO_PAGE = """<!doctype html>
