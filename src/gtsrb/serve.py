@@ -573,8 +573,9 @@ def create_app(predictor: Predictor, workers: int = 1):
     reconnects = Reconnects() if workers > 1 else None
 
     async def measured(scope, receive, send):
-        """Request count, latency and errors per endpoint (plain ASGI: Starlette's
-        BaseHTTPMiddleware costs a task group and two streams per request)."""
+        """Request count, latency and errors per endpoint, and with several workers the
+        "Connection: close" of ``reconnects`` (plain ASGI, where every answer starts already:
+        Starlette's BaseHTTPMiddleware costs a task group and two streams per request)."""
         if scope["type"] != "http":
             return await app(scope, receive, send)
         started, status = time.perf_counter(), 500

@@ -87,7 +87,8 @@ def test_plain_pngs_decode_to_pillows_pixels(mode, size):
 
 def test_every_other_png_is_left_to_pillow():
     data = pillow_png("RGB", (20, 10))
-    header, idat = chunks(data)[0][1], chunks(data)[1][1]
+    parts = chunks(data)
+    ihdr_chunk, header, idat = parts[0], parts[0][1], parts[1][1]
 
     def ihdr(**fields) -> bytes:
         values = dict(
@@ -103,15 +104,13 @@ def test_every_other_png_is_left_to_pillow():
         "interlaced": ihdr(interlace=1),
         "unknown filter method": ihdr(filter=1),
         "text chunk": pillow_png("RGB", (20, 10), pnginfo=_text_info()),
-        "sRGB after the image data": build(
-            [chunks(data)[0], (b"IDAT", idat), (b"sRGB", b"\0"), (b"IEND", b"")]
-        ),
+        "sRGB after the image data": build([ihdr_chunk, (b"IDAT", idat), (b"sRGB", b"\0"), (b"IEND", b"")]),
         "sRGB of a wrong length": with_chunks(data, [(b"sRGB", b"\0\0")]),
-        "no image data": build([chunks(data)[0], (b"IEND", b"")]),
+        "no image data": build([ihdr_chunk, (b"IEND", b"")]),
         "header CRC wrong": bytes(bad_crc),
         "no IEND": data[:-12],
         "cut in the image data": data[: 33 + 8 + len(idat) // 2],
-        "image data not zlib": build([chunks(data)[0], (b"IDAT", b"not zlib at all"), (b"IEND", b"")]),
+        "image data not zlib": build([ihdr_chunk, (b"IDAT", b"not zlib at all"), (b"IEND", b"")]),
         "JPEG": _jpeg(),
         "empty": b"",
     }
