@@ -201,13 +201,9 @@ class Predictor:
         if not np.isfinite(probs).all():  # orjson would write null: a broken model is a 500
             raise ValueError(f"model {self.version} gave non-finite probabilities (NaN or inf)")
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # ties: the lower class id first
-        values = np.take_along_axis(probs, top, 1).tolist()
         names, out = self.ckpt["class_names"], []
-        for ids, ps in zip(top.tolist(), values, strict=True):
-            entries = [
-                {"class_id": c, "class_name": names[c], "probability": round(p, 6)}
-                for c, p in zip(ids, ps, strict=True)
-            ]
+        for ids, row in zip(top.tolist(), probs.tolist(), strict=True):
+            entries = [{"class_id": c, "class_name": names[c], "probability": round(row[c], 6)} for c in ids]
             out.append({**entries[0], "top_k": entries, "model_version": self.version})
         return out
 
@@ -326,6 +322,8 @@ def _text(raw: bytes) -> str:
 def query_ints(request: Request, *specs: dict) -> Any:
     """The integer query parameters of ``specs`` (see TOP_K): a value each (one spec) or a list;
     a missing one is its default (or None), a bad one a 422 that names it."""
+    if not request.scope["query_string"]:  # the common case: every default
+        return specs[0].get("default") if len(specs) == 1 else [spec.get("default") for spec in specs]
     values = []
     for spec in specs:
         name, raw = spec["name"], request.query_params.get(spec["name"])
