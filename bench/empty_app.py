@@ -1,6 +1,6 @@
-"""The ceiling of the HTTP stack: an app built like `gtsrb serve` (FastAPI, the upload endpoint a
-Starlette route reading the request body and splitting it with `split_form`) that returns at once.
-bench/run_all.py runs it under uvicorn like the real server.
+"""The ceiling of the HTTP stack: an app built like `gtsrb serve` (FastAPI, with the upload
+endpoint in front of it, `UploadRoutes`, reading the request body and splitting it with
+`split_form`) that returns at once. bench/run_all.py runs it under uvicorn like the real server.
 
     uvicorn empty_app:app --app-dir bench --port 8001
 """
@@ -8,9 +8,9 @@ bench/run_all.py runs it under uvicorn like the real server.
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from gtsrb.serve import split_form
+from gtsrb.serve import UploadRoutes, split_form
 
-app = FastAPI()
+api = FastAPI()
 
 
 async def predict(request: Request) -> JSONResponse:
@@ -18,9 +18,9 @@ async def predict(request: Request) -> JSONResponse:
     return JSONResponse({})
 
 
-app.router.add_route("/predict", predict, methods=["POST"])
-
-
-@app.get("/ready")
+@api.get("/ready")
 async def ready():
     return {"ready": True}
+
+
+app = UploadRoutes(api, {"/predict": predict})

@@ -13,9 +13,9 @@ was busy, or were still being read when it became free, go through one forward p
 of 8 costs about as much as 3 single images here). With one model thread (the default), the
 passes (up to 64 images) run on the event loop itself. Images of up to 256 x 256 pixels and
 32 KiB decode there too, for at most 20 ms per request; larger ones, and the rest of a request
-past that, in a worker thread. The upload endpoints are plain Starlette routes that read the
-body themselves (``split_form`` for plain multipart as browsers, curl and httpx send it,
-Starlette's full parser for anything unusual). Bad input gets a 4xx with a reason, never a
+past that, in a worker thread. The upload endpoints are answered before FastAPI's middleware
+and router (``UploadRoutes``) and read the body themselves (``split_form`` for plain multipart
+as browsers, curl and httpx send it, Starlette's full parser for anything unusual). Bad input gets a 4xx with a reason, never a
 500: empty, not an image, truncated, not multipart or a bad query parameter (422), oversized
 upload (413), too many pixels (413), too many files (413, or 400 from Starlette's parser past
 its own limit). ``serve(workers=N)`` runs N such processes on one port (one Python process
@@ -48,11 +48,13 @@ import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from gtsrb import LOG_FORMAT, backends, inference, models, png, registry
@@ -523,6 +525,31 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"upload larger than the limit of {limit} bytes")
 
 
+class UploadRoutes:
+    """ASGI: a POST to one of ``endpoints`` (path -> async function of a Request, returning a
+    Response) is answered here, the rest by ``app`` (FastAPI). FastAPI's middleware stack and
+    router cost about 50 us a request here, as much as uvicorn and all the rest of the HTTP
+    stack together: more than decoding a sign. An HTTPException an endpoint raises gets
+    FastAPI's own answer (its status, ``{"detail": ...}`` and headers); any other error goes to
+    uvicorn, which logs it and answers 500, as FastAPI's ServerErrorMiddleware would."""
+
+    def __init__(self, app, endpoints: dict[str, Any]):
+        self.app, self.endpoints = app, endpoints
+
+    async def __call__(self, scope, receive, send):
+        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST":  # other methods: FastAPI's 405
+            return await self.app(scope, receive, send)
+        scope["app"], scope["endpoint"] = self.app, endpoint  # as Starlette sets them (a form
+        # error is a 400 from Starlette's parser only in an app's scope)
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request)
+        except StarletteHTTPException as exc:  # FastAPI's HTTPException, or Starlette's own
+            response = await http_exception_handler(request, exc)
+        await response(scope, receive, send)
+
+
 def create_app(predictor: Predictor, workers: int = 1):
     """The FastAPI app around a loaded predictor, in one of ``workers`` processes."""
     settings = predictor.settings
@@ -565,36 +592,7 @@ def create_app(predictor: Predictor, workers: int = 1):
         description="Predicts the GTSRB class of traffic-sign images.",
     )
 
-    path_of: dict[Any, str] = {}  # the upload routes' endpoints (Starlette routes)
     multiprocess = MULTIPROC_ENV in os.environ  # prometheus_client keeps its values in files
-
-    reconnects = Reconnects() if workers > 1 else None
-
-    async def measured(scope, receive, send):
-        """Request count, latency and errors per endpoint, and with several workers the
-        "Connection: close" of ``reconnects`` (plain ASGI, where every answer starts already:
-        Starlette's BaseHTTPMiddleware costs a task group and two streams per request)."""
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        started, status = time.perf_counter(), 500
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if reconnects and status < 400 and reconnects.should_close(scope, time.monotonic()):
-                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
-            await send(message)
-
-        try:
-            await app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")  # set on this same scope by FastAPI's routes
-            endpoint = route.path if route is not None else path_of.get(scope.get("endpoint"), "other")
-            requests.labels(endpoint, str(status)).inc()
-            latency.labels(endpoint).observe(time.perf_counter() - started)
-            if status >= 400:
-                errors.labels(endpoint, str(status)).inc()
 
     # One model thread: forward passes run on the event loop (up to INLINE_BATCH). A thread
     # frees nothing there, the GIL changing hands costs more (measured with 64 small PNGs per
@@ -661,9 +659,10 @@ def create_app(predictor: Predictor, workers: int = 1):
         ).items():
             predictions.labels(str(class_id), name).inc(n)
 
-    # The upload endpoints read the upload themselves (``uploads``), answer with a JSONResponse
-    # and are plain Starlette routes of the app: FastAPI's form, response and dependency
-    # machinery (run even for ``request`` alone) cost more than the model at these sizes.
+    # The upload endpoints read the upload themselves (``uploads``) and answer with a
+    # JSONResponse, in front of FastAPI (``UploadRoutes``): FastAPI's form, response and
+    # dependency machinery (run even for ``request`` alone), its middleware and its router cost
+    # more than the model at these sizes.
     async def predict(request: Request) -> JSONResponse:
         top_k, roi = query_ints(request, TOP_K), roi_of(request)
         items = await uploads(request, "file")
@@ -698,9 +697,10 @@ def create_app(predictor: Predictor, workers: int = 1):
             upload_schema("predict_batch_predict_batch_post", "files", many=True, query=(TOP_K,)),
         ),
     }
-    for path, (endpoint, _, _) in upload_routes.items():
+    front = UploadRoutes(app, {path: endpoint for path, (endpoint, _, _) in upload_routes.items()})
+    path_of = {endpoint: path for path, endpoint in front.endpoints.items()}
+    for path, endpoint in front.endpoints.items():  # FastAPI answers their other methods (405)
         app.router.add_route(path, endpoint, methods=["POST"])
-        path_of[endpoint] = path
 
     def openapi() -> dict:
         """FastAPI's schema of its own routes, and the upload routes'."""
@@ -741,6 +741,34 @@ def create_app(predictor: Predictor, workers: int = 1):
     @app.exception_handler(GtsrbError)
     async def gtsrb_error(request: Request, exc: GtsrbError):
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    reconnects = Reconnects() if workers > 1 else None
+
+    async def measured(scope, receive, send):
+        """Request count, latency and errors per endpoint, and with several workers the
+        "Connection: close" of ``reconnects`` (plain ASGI, where every answer starts already:
+        Starlette's BaseHTTPMiddleware costs a task group and two streams per request)."""
+        if scope["type"] != "http":
+            return await front(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if reconnects and status < 400 and reconnects.should_close(scope, time.monotonic()):
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await front(scope, receive, send_status)
+        finally:
+            route = scope.get("route")  # set on this same scope by FastAPI's routes
+            endpoint = route.path if route is not None else path_of.get(scope.get("endpoint"), "other")
+            requests.labels(endpoint, str(status)).inc()
+            latency.labels(endpoint).observe(time.perf_counter() - started)
+            if status >= 400:
+                errors.labels(endpoint, str(status)).inc()
 
     return BodyLimit(measured, settings.max_upload_bytes) if settings.max_upload_bytes else measured
 

@@ -156,6 +156,38 @@ def test_any_multipart_form_works_the_same(server):
     assert two.status_code == 422 and "use /predict/batch" in two.json()["detail"]
 
 
+def test_the_upload_endpoints_answer_what_fastapi_answered_in_front_of_it(server):
+    """They are answered before FastAPI's router (UploadRoutes): its answers for them stay."""
+    r = httpx.get(server.url + "/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = httpx.post(server.url + "/predict/", files={"file": ("s.png", png())})
+    assert r.status_code == 307 and r.headers["location"] == server.url + "/predict"
+    no_boundary = {"content-type": "multipart/form-data"}  # Starlette's parser's own 400
+    r = httpx.post(server.url + "/predict/batch", content=b"x", headers=no_boundary)
+    assert r.status_code == 400 and r.json() == {"detail": "Missing boundary in multipart."}
+    text = httpx.get(server.url + "/metrics").text
+    assert 'gtsrb_errors_total{endpoint="/predict",status="405"}' in text
+    assert 'gtsrb_errors_total{endpoint="/predict/batch",status="400"}' in text
+
+
+def test_a_broken_model_is_a_500_with_the_reason_logged_and_the_server_goes_on(tmp_path):
+    model = make_checkpoint(tmp_path / "model.pt")
+    ckpt = torch.load(model, weights_only=True)
+    ckpt["state_dict"]["fc2.bias"][0] = float("nan")
+    torch.save(ckpt, model)
+    server = Server(model, "--inference", "eager").wait_ready()
+    try:
+        for _ in range(2):
+            r = post(server, png())
+            assert r.status_code == 500 and r.text == "Internal Server Error"
+        assert httpx.get(server.url + "/health").status_code == 200
+        text = httpx.get(server.url + "/metrics").text
+        assert 'gtsrb_errors_total{endpoint="/predict",status="500"} 2.0' in text
+    finally:
+        server.stop()
+    assert "gave non-finite probabilities (NaN or inf)" in server.log.read_text()
+
+
 def test_an_oversized_upload_without_a_length_is_a_413_too(server):
     """Chunked: the limit is found while the handler reads the body."""
     head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n\r\n'
