@@ -538,7 +538,8 @@ class UploadRoutes:
 
     async def __call__(self, scope, receive, send):
         endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
-        if endpoint is None or scope["method"] != "POST":  # other methods: FastAPI's 405
+        # FastAPI's: other methods (405), and any path under a root path (mounted elsewhere)
+        if endpoint is None or scope["method"] != "POST" or scope.get("root_path"):
             return await self.app(scope, receive, send)
         scope["app"], scope["endpoint"] = self.app, endpoint  # as Starlette sets them (a form
         # error is a 400 from Starlette's parser only in an app's scope)

@@ -10,13 +10,23 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from gtsrb import serve
 from gtsrb.inference import SMALL_BATCH
-from gtsrb.serve import GATHER_TURNS, Batcher, FastJSON, Predictor, Settings, create_app, split_form
+from gtsrb.serve import (
+    GATHER_TURNS,
+    Batcher,
+    FastJSON,
+    Predictor,
+    Settings,
+    UploadRoutes,
+    create_app,
+    split_form,
+)
 from tests.serve.conftest import make_checkpoint, png
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) + b"\r\n"
@@ -102,6 +112,25 @@ def test_split_form_agrees_with_starlette(files):
 )
 def test_split_form_leaves_anything_unusual_to_starlette(body, content_type):
     assert split_form(body, content_type, 3) is None
+
+
+def test_upload_routes_leave_other_methods_and_paths_under_a_root_path_to_the_app():
+    api = FastAPI()
+
+    @api.post("/batch")
+    async def batch():
+        return {"by": "app"}
+
+    async def upload(request: Request) -> JSONResponse:
+        return JSONResponse({"by": "front"})
+
+    app = UploadRoutes(api, {"/predict/batch": upload})
+    with TestClient(app) as client:
+        assert client.post("/predict/batch").json() == {"by": "front"}
+        assert client.get("/predict/batch").status_code == 404  # the app's: it has no such route
+    with TestClient(app, root_path="/predict") as client:  # the app mounted at /predict:
+        # uvicorn's path holds the root path too, Starlette routes what follows it
+        assert client.post("/predict/batch").json() == {"by": "app"}
 
 
 def test_results_are_each_rows_top_k_in_the_json_starlette_writes():
