@@ -15,13 +15,13 @@ passes (up to 64 images) run on the event loop itself. Images of up to 256 x 256
 32 KiB decode there too, for at most 20 ms per request; larger ones, and the rest of a request
 past that, in a worker thread. The upload endpoints are answered before FastAPI's middleware
 and router (``UploadRoutes``) and read the body themselves (``split_form`` for plain multipart
-as browsers, curl and httpx send it, Starlette's full parser for anything unusual). Bad input gets a 4xx with a reason, never a
-500: empty, not an image, truncated, not multipart or a bad query parameter (422), oversized
-upload (413), too many pixels (413), too many files (413, or 400 from Starlette's parser past
-its own limit). ``serve(workers=N)`` runs N such processes on one port (one Python process
-keeps about one core busy); a worker that serves several keep-alive connections asks each to
-reconnect once it is RECONNECT_SECONDS old (``Reconnects``), so that they spread over the
-workers.
+as browsers, curl and httpx send it, Starlette's full parser for anything unusual). Bad input
+gets a 4xx with a reason, never a 500: empty, not an image, truncated, not multipart or a bad
+query parameter (422), oversized upload (413), too many pixels (413), too many files (413, or
+400 from Starlette's parser past its own limit). ``serve(workers=N)`` runs N such processes
+on one port (one Python process keeps about one core busy); a worker that serves several
+keep-alive connections asks each to reconnect once it is RECONNECT_SECONDS old
+(``Reconnects``), so that they spread over the workers.
 """
 
 from __future__ import annotations
