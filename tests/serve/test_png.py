@@ -1,4 +1,4 @@
-"""gtsrb.png: plain PNGs decode to Pillow's pixels; every other file, and every damaged one,
+"""gtsrb.serve.png: plain PNGs decode to Pillow's pixels; every other file, and every damaged one,
 gets Pillow's own answer."""
 
 import io
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gtsrb import png, serve
-from gtsrb.serve import BadImage
+from gtsrb import serve
+from gtsrb.serve import BadImage, png
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:
@@ -122,7 +122,7 @@ def test_every_other_png_is_left_to_pillow():
 
 def test_damaged_pngs_get_the_answer_pillow_gives(monkeypatch):
     """Cut and flipped bytes, anywhere in a PNG with ancillary chunks and split image data:
-    ``decode`` answers the same (pixels, or the same error status) with and without gtsrb.png."""
+    ``decode`` answers the same (pixels, or the same error status) with and without gtsrb.serve.png."""
     rng, variants = np.random.default_rng(0), []
     for level in (0, 6):  # stored: a flipped pixel byte is still a valid file; compressed: rarely
         data = pillow_png("RGBA", (23, 17), seed=5, compress_level=level)

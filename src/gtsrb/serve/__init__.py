@@ -57,9 +57,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from gtsrb import LOG_FORMAT, backends, inference, models, png, registry
+from gtsrb import LOG_FORMAT, backends, inference, models, registry
 from gtsrb.errors import GtsrbError
 from gtsrb.prepare import to_model_input
+from gtsrb.serve import png
 from gtsrb.train import set_threads
 
 log = logging.getLogger(__name__)
