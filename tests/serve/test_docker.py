@@ -206,6 +206,8 @@ def test_container_serves_predictions(container):
     assert body["class_id"] in range(43) and 0 <= body["probability"] <= 1
     assert body["class_name"] and body["top_k"][0]["class_id"] == body["class_id"]
     assert body["model_version"] == MODEL_VERSION
+    demo = httpx.get(container.url + "/", timeout=5)  # demo.html: package data, in the wheel too
+    assert demo.status_code == 200 and "<title>GTSRB traffic-sign classifier</title>" in demo.text
     runtime = httpx.get(container.url + "/model", timeout=5).json()["runtime"]
     assert (runtime["inference_path"], runtime["fallback"]) == ("jit", "")
 

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import importlib.resources
 import io
 import json
 import logging
@@ -736,9 +737,11 @@ def create_app(predictor: Predictor, workers: int = 1):
             return Response(generate_latest(every_worker), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
+    demo_page = importlib.resources.files(__package__).joinpath("demo.html").read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo():
-        return DEMO_PAGE
+        return demo_page
 
     @app.exception_handler(GtsrbError)
     async def gtsrb_error(request: Request, exc: GtsrbError):
@@ -850,51 +853,3 @@ def worker_app():
 
         tqdm.set_lock(threading.RLock())
     return create_app(Predictor.load(Settings(**handoff["settings"])), handoff["workers"])
-
-
-DEMO_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>GTSRB traffic-sign classifier</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}
-#drop{display:block;border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center;cursor:pointer}
-#drop.over{background:#eef}
-img#preview{max-width:8rem;max-height:8rem;display:block;margin:1rem auto;image-rendering:pixelated}
-table{width:100%;border-collapse:collapse;margin-top:1rem}td,th{padding:.3rem;border-bottom:1px solid #ddd;text-align:left}
-.bar{background:#36c;height:.8rem;border-radius:2px}
-#error{color:#b00}
-</style></head><body>
-<h1>Traffic-sign classifier</h1>
-<p>Drop a traffic-sign image (PPM, PNG, JPEG or WebP), or pick one.</p>
-<label id="drop">Drop an image here or click to choose
-<input id="file" type="file" accept="image/*,.ppm" hidden></label>
-<img id="preview" alt="">
-<p id="error" role="alert"></p>
-<div id="results" aria-live="polite"></div>
-<script>
-const input = document.getElementById('file'), drop = document.getElementById('drop');
-drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
-drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('over');
-  if (e.dataTransfer.files.length) classify(e.dataTransfer.files[0]); });
-input.addEventListener('change', () => { if (input.files.length) classify(input.files[0]); });
-function esc(s) { const d = document.createElement('div'); d.textContent = s; return d.innerHTML; }
-async function classify(file) {
-  document.getElementById('error').textContent = '';
-  document.getElementById('results').innerHTML = 'Classifying...';
-  const preview = document.getElementById('preview');
-  preview.src = URL.createObjectURL(file);
-  const form = new FormData(); form.append('file', file);
-  const response = await fetch('predict?top_k=5', {method: 'POST', body: form});
-  const body = await response.json();
-  if (!response.ok) { document.getElementById('results').innerHTML = '';
-    document.getElementById('error').textContent = body.detail || response.statusText; return; }
-  let rows = body.top_k.map(p => `<tr><td>${p.class_id}</td><td>${esc(p.class_name)}</td>` +
-    `<td>${(100 * p.probability).toFixed(1)}%<div class="bar" style="width:${100 * p.probability}%"></div></td></tr>`);
-  document.getElementById('results').innerHTML =
-    `<p id="top1"><strong>${esc(body.class_name)}</strong> (class ${body.class_id}, ` +
-    `${(100 * body.probability).toFixed(1)}%)</p><table><tr><th>id</th><th>class</th><th>probability</th></tr>` +
-    rows.join('') + `</table><p><small>model ${esc(body.model_version)}</small></p>`;
-}
-</script></body></html>
-"""
