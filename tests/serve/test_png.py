@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gtsrb import serve
-from gtsrb.serve import BadImage, png
+from gtsrb.serve import png
+from gtsrb.serve.uploads import BadImage, decode
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:
@@ -137,7 +137,7 @@ def test_damaged_pngs_get_the_answer_pillow_gives(monkeypatch):
         out = []
         for variant in variants:
             try:
-                out.append(serve.decode(variant, 8, 10**6).tobytes())
+                out.append(decode(variant, 8, 10**6).tobytes())
             except BadImage as exc:
                 out.append(exc.status)
         return out

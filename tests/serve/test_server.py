@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from gtsrb.cli import main
-from gtsrb.serve import RECONNECT_SECONDS, BadImage, Reconnects, decode
+from gtsrb.serve import RECONNECT_SECONDS, Reconnects
+from gtsrb.serve.uploads import BadImage, decode
 from tests import archives
 from tests.conftest import set_key, write_params
 from tests.serve.conftest import Server, free_port, make_checkpoint, png, serve_command

@@ -15,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
-from gtsrb import serve
 from gtsrb.inference import SMALL_BATCH
 from gtsrb.serve import (
     GATHER_TURNS,
@@ -25,8 +24,9 @@ from gtsrb.serve import (
     Settings,
     UploadRoutes,
     create_app,
-    split_form,
+    uploads,
 )
+from gtsrb.serve.uploads import split_form
 from tests.serve.conftest import make_checkpoint, png
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) + b"\r\n"
@@ -262,7 +262,7 @@ def test_small_uploads_decode_and_run_on_the_event_loop_and_large_ones_decode_in
     decode in a thread, so the loop serves on."""
     predictor = Predictor.load(Settings(model=str(make_checkpoint(tmp_path / "m.pt")), inference="eager"))
     threads = {"decode": [], "model": []}
-    decode, probabilities = serve.decode, predictor.probabilities
+    decode, probabilities = uploads.decode, predictor.probabilities
 
     def traced_decode(*args, **kwargs):
         image = decode(*args, **kwargs)  # after NotSmall (a header read on the loop): not counted
@@ -273,17 +273,17 @@ def test_small_uploads_decode_and_run_on_the_event_loop_and_large_ones_decode_in
         threads["model"].append(threading.current_thread().name)
         return probabilities(images)
 
-    monkeypatch.setattr(serve, "decode", traced_decode)
-    monkeypatch.setattr(serve, "INLINE_DECODE_SECONDS", 60.0)  # where images go, not how fast
+    monkeypatch.setattr(uploads, "decode", traced_decode)
+    monkeypatch.setattr(uploads, "INLINE_DECODE_SECONDS", 60.0)  # where images go, not how fast
     predictor.probabilities = traced_model
     with TestClient(create_app(predictor)) as client:
         loop = client.portal.call(threading.current_thread).name  # the thread of the app's loop
 
-        def where(uploads: list[bytes]) -> list[str]:
+        def where(images: list[bytes]) -> list[str]:
             """Where each image decoded: "loop" or "thread"; the model must have run on the loop."""
             threads["decode"].clear()
             threads["model"].clear()
-            files = [("files", (f"{i}.png", data)) for i, data in enumerate(uploads)]
+            files = [("files", (f"{i}.png", data)) for i, data in enumerate(images)]
             assert client.post("/predict/batch", files=files).status_code == 200
             assert threads["model"] == [loop]
             return ["loop" if name == loop else "thread" for name in threads["decode"]]
@@ -293,5 +293,5 @@ def test_small_uploads_decode_and_run_on_the_event_loop_and_large_ones_decode_in
         assert where([png((256, 256), fmt="JPEG"), png()]) == ["loop"] * 2
         assert where([png((257, 256), fmt="JPEG")]) == ["thread"]  # over 256 x 256 pixels
         assert where([png(), png((160, 160)), png()]) == ["loop", "thread", "thread"]  # over 32 KiB
-        monkeypatch.setattr(serve, "INLINE_DECODE_SECONDS", 0.0)  # no time left for the loop
+        monkeypatch.setattr(uploads, "INLINE_DECODE_SECONDS", 0.0)  # no time left for the loop
         assert where([png()] * 3) == ["thread"] * 3
