@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from gtsrb.cli import main
-from gtsrb.serve import RECONNECT_SECONDS, Reconnects
+from gtsrb.serve.front import RECONNECT_SECONDS, Reconnects
 from gtsrb.serve.uploads import BadImage, decode
 from tests import archives
 from tests.conftest import set_key, write_params

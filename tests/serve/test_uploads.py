@@ -16,16 +16,10 @@ from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from gtsrb.inference import SMALL_BATCH
-from gtsrb.serve import (
-    GATHER_TURNS,
-    Batcher,
-    FastJSON,
-    Predictor,
-    Settings,
-    UploadRoutes,
-    create_app,
-    uploads,
-)
+from gtsrb.serve import FastJSON, create_app, uploads
+from gtsrb.serve.batching import GATHER_TURNS, Batcher
+from gtsrb.serve.front import UploadRoutes
+from gtsrb.serve.runtime import Predictor, Settings
 from gtsrb.serve.uploads import split_form
 from tests.serve.conftest import make_checkpoint, png
 

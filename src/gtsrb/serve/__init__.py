@@ -42,17 +42,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gtsrb import LOG_FORMAT
 from gtsrb.errors import GtsrbError
+from gtsrb.serve.batching import INLINE_BATCH, Batcher
+from gtsrb.serve.front import BodyLimit, Reconnects, UploadRoutes
 from gtsrb.serve.runtime import Predictor, Settings
 from gtsrb.serve.uploads import (
     MULTIPART,
@@ -65,55 +64,13 @@ from gtsrb.serve.uploads import (
     split_form,
 )
 
-__all__ = ["Predictor", "Settings", "split_form"]
+__all__ = ["Predictor", "Settings", "UploadRoutes", "split_form"]
 
 log = logging.getLogger(__name__)
 
-# With one model thread, forward passes of up to this many images (~5 ms) run on the event loop
-INLINE_BATCH = 64
 # How ``serve(workers=N)`` hands the settings to its workers, and prometheus_client's switch to
 # keeping metrics in files that /metrics of any worker sums
 SETTINGS_ENV, MULTIPROC_ENV = "GTSRB_SERVE_SETTINGS", "PROMETHEUS_MULTIPROC_DIR"
-# Turns of the event loop the batcher waits for more requests to join a call, while they come
-GATHER_TURNS = 8
-# Several workers: how long a worker that serves several keep-alive connections keeps each
-RECONNECT_SECONDS = 0.5
-
-
-class Reconnects:
-    """Several workers share the port, but a keep-alive connection stays with the worker that
-    accepted it, and an idle worker accepts every connection waiting (uvloop takes them all at
-    once): the 8 connections a client opens together could all land on one worker, the other
-    idle for as long as they live. So a worker that has served several connections in the last
-    ``seconds`` asks each (at most ``budget`` in that time) to reconnect once it is ``seconds``
-    old, with "Connection: close" on a successful answer, and the worker that is free is the
-    likelier to accept the new one. Its only connection, a worker keeps. Requests that came
-    through a proxy (X-Forwarded-For) are left alone: the proxy spreads them."""
-
-    def __init__(self, seconds: float = RECONNECT_SECONDS, budget: int = 8):
-        self.seconds, self.budget = seconds, budget
-        self.seen: dict[tuple, list[float]] = {}  # client (host, port) -> [first, last request]
-        self.period, self.left = -seconds, budget
-
-    def should_close(self, scope: dict, now: float) -> bool:
-        """Whether the answer to this request (at ``now``) should close its connection."""
-        client = scope.get("client")
-        if not client or any(name == b"x-forwarded-for" for name, _ in scope["headers"]):
-            return False
-        if now - self.period > self.seconds:  # a new period: forget the connections gone quiet
-            self.period, self.left = now, self.budget
-            self.seen = {k: v for k, v in self.seen.items() if now - v[1] <= self.seconds}
-        key = tuple(client)
-        seen = self.seen.get(key)
-        if seen is None or now - seen[1] > self.seconds:  # new, or quiet for a while: as new
-            self.seen[key] = [now, now]
-            return False
-        seen[1] = now
-        if now - seen[0] < self.seconds or len(self.seen) < 2 or not self.left:
-            return False
-        self.left -= 1
-        del self.seen[key]
-        return True
 
 
 class FastJSON(JSONResponse):
@@ -167,161 +124,6 @@ def upload_schema(operation_id: str, field: str, many: bool, query: tuple[dict, 
             },
         },
     }
-
-
-class Batcher:
-    """Runs ``fn`` (uint8 images -> one row per image) one call at a time; the requests that
-    arrive meanwhile wait and then share the next call (at most ``limit`` images, unless a
-    single request brings more). Calls of up to ``inline`` images run on the event loop itself,
-    larger ones in ``executor``."""
-
-    def __init__(self, fn, executor: ThreadPoolExecutor, limit: int, inline: int = 0):
-        self.fn, self.executor, self.limit, self.inline = fn, executor, limit, inline
-        self.waiting: list[tuple[np.ndarray, asyncio.Future]] = []
-        self.task: asyncio.Task | None = None  # the one draining ``waiting`` (a reference keeps it)
-
-    async def __call__(self, images: np.ndarray) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.waiting.append((images, future))
-        # one drain task per loop; it starts after the requests already on the loop's queue
-        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
-            self.task = loop.create_task(self._drain())
-        return await future
-
-    def _next_group(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        take, size = 0, 0
-        while take < len(self.waiting) and (take == 0 or size + len(self.waiting[take][0]) <= self.limit):
-            size += len(self.waiting[take][0])
-            take += 1
-        group, self.waiting = self.waiting[:take], self.waiting[take:]
-        return group
-
-    async def _gather(self) -> None:
-        """Let the requests being read join the next call: yield to the event loop for as long
-        as each turn brings more (a few turns at most, or until ``limit`` images wait)."""
-        for _ in range(GATHER_TURNS):
-            waiting = len(self.waiting)
-            if sum(len(images) for images, _ in self.waiting) >= self.limit:
-                return
-            await asyncio.sleep(0)
-            if len(self.waiting) == waiting:
-                return
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        group: list[tuple[np.ndarray, asyncio.Future]] = []
-        try:
-            while self.waiting:
-                await self._gather()
-                group = self._next_group()
-                try:
-                    images = group[0][0] if len(group) == 1 else np.concatenate([g[0] for g in group])
-                    if len(images) <= self.inline:
-                        rows = self.fn(images)
-                    else:
-                        rows = await loop.run_in_executor(self.executor, self.fn, images)
-                except Exception as exc:  # every request of the group gets the model's error
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    start = 0
-                    for part, future in group:
-                        if not future.done():  # a cancelled request (client gone) takes nothing
-                            future.set_result(rows[start : start + len(part)])
-                        start += len(part)
-                group = []
-        except BaseException:  # cancelled (shutdown): no request is left waiting
-            for _, future in group + self.waiting:
-                future.cancel()
-            self.waiting = []
-            raise
-
-
-class BodyLimit:
-    """ASGI middleware: a request body larger than ``limit`` bytes gets 413 before it is parsed."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge(self.limit)
-            return message
-
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:  # read outside the app's handlers (which answer it themselves)
-            if not started:
-                await self._reject(send)
-
-    async def _reject(self, send):
-        body = json.dumps({"detail": _TooLarge(self.limit).detail}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(HTTPException):
-    """A body over the limit, found while reading it (no Content-Length): an HTTPException, so
-    the handler that was reading answers 413 itself."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"upload larger than the limit of {limit} bytes")
-
-
-class UploadRoutes:
-    """ASGI: a POST to one of ``endpoints`` (path -> async function of a Request, returning a
-    Response) is answered here, the rest by ``app`` (FastAPI). FastAPI's middleware stack and
-    router cost about 50 us a request here, as much as uvicorn and all the rest of the HTTP
-    stack together: more than decoding a sign. An HTTPException an endpoint raises gets
-    FastAPI's own answer (its status, ``{"detail": ...}`` and headers); any other error goes to
-    uvicorn, which logs it and answers 500, as FastAPI's ServerErrorMiddleware would."""
-
-    def __init__(self, app, endpoints: dict[str, Any]):
-        self.app, self.endpoints = app, endpoints
-
-    async def __call__(self, scope, receive, send):
-        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
-        # FastAPI's: other methods (405), and any path under a root path (mounted elsewhere)
-        if endpoint is None or scope["method"] != "POST" or scope.get("root_path"):
-            return await self.app(scope, receive, send)
-        scope["app"], scope["endpoint"] = self.app, endpoint  # as Starlette sets them (a form
-        # error is a 400 from Starlette's parser only in an app's scope)
-        request = Request(scope, receive)
-        try:
-            response = await endpoint(request)
-        except StarletteHTTPException as exc:  # FastAPI's HTTPException, or Starlette's own
-            response = await http_exception_handler(request, exc)
-        await response(scope, receive, send)
 
 
 def create_app(predictor: Predictor, workers: int = 1):
