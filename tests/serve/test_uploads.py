@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from gtsrb.inference import SMALL_BATCH
-from gtsrb.serve import FastJSON, create_app, uploads
+from gtsrb.serve import uploads
+from gtsrb.serve.app import FastJSON, create_app
 from gtsrb.serve.batching import GATHER_TURNS, Batcher
 from gtsrb.serve.front import UploadRoutes
 from gtsrb.serve.runtime import Predictor, Settings
