@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -38,6 +39,16 @@ def set_key(params: dict, dotted: str, value) -> dict:
         node = node[key]
     node[last] = value
     return params
+
+
+def write_split(path: Path, images: np.ndarray, labels: np.ndarray, **arrays: np.ndarray) -> Path:
+    """A prepared split as prepare writes it (prepare.py); ``whole`` defaults to ``images``
+    (a crop that is the whole image) and ``boxes`` to the whole image's."""
+    arrays.setdefault("whole", images)
+    arrays.setdefault("boxes", np.tile(np.array([0, 0, 1, 1], np.float32), (len(images), 1)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=images, labels=np.asarray(labels, np.int64), **arrays)
+    return path
 
 
 @pytest.fixture

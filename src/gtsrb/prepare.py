@@ -1,18 +1,25 @@
 """Stage prepare: GTSRB archives -> model-ready arrays in data/prepared/.
 
-Reads the images straight from the zips (no loose files on disk), crops each to its ROI
-(plus ``prepare.roi_margin`` of the ROI size on every side, clipped to the image), resizes to
-``prepare.image_size`` and writes ``train.npz``, ``val.npz`` and ``test.npz``:
-``images`` uint8 [N, S, S, 3] RGB, ``labels`` int64 [N]; train and val also ``tracks``
-int64 [N] (``class_id * 100000 + track`` from ``TTTTT_FFFFF.ppm``). The validation split
-takes whole tracks, so no physical sign is on both sides. Test rows follow
-``GT-final_test.csv``. ROI boxes are read as PIL boxes: ``Roi.X2``/``Roi.Y2`` exclusive,
+Reads the images straight from the zips (no loose files on disk) and writes ``train.npz``,
+``val.npz`` and ``test.npz``, each image in two framings, both resized to ``prepare.image_size``:
+
+- ``images`` uint8 [N, S, S, 3] RGB: the ROI crop (plus ``prepare.roi_margin`` of the ROI size
+  on every side, clipped to the image), what `/predict` gets with ``x1..y2``;
+- ``whole`` uint8 [N, S, S, 3]: the whole image with its border, what `/predict` gets without;
+- ``boxes`` float32 [N, 4]: where the crop of ``images`` lies in ``whole``, as fractions of the
+  image's width and height (x1, y1, x2, y2). Training crops at random between the two
+  (``train.framing``), and the test stages measure both framings.
+
+``labels`` int64 [N]; train and val also ``tracks`` int64 [N] (``class_id * 100000 + track``
+from ``TTTTT_FFFFF.ppm``). The validation split takes whole tracks, so no physical sign is on
+both sides. Test rows follow ``GT-final_test.csv``. ROI boxes are read as PIL boxes: ``Roi.X2``/``Roi.Y2`` exclusive,
 which gives the official images their symmetric borders (e.g. 29 px wide, ROI 5-24).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import multiprocessing as mp
 import re
@@ -26,9 +33,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from gtsrb.classes import NUM_CLASSES
+from gtsrb.classes import CLASS_NAMES, NUM_CLASSES
 from gtsrb.errors import GtsrbError
-from gtsrb.fsutil import atomic_dir, write_json
+from gtsrb.fsutil import atomic_dir
 from gtsrb.params import Archives, PrepareParams
 
 log = logging.getLogger(__name__)
@@ -186,9 +193,10 @@ _zips: dict[str, zipfile.ZipFile] = {}
 
 
 def _decode_chunk(task: tuple[str, list[tuple[str, int, int, tuple]], int]) -> np.ndarray:
+    """[2, N, S, S, 3]: each image cropped to its box, and whole."""
     archive, items, size = task
     zf = _zips.get(archive) or _zips.setdefault(archive, zipfile.ZipFile(archive))
-    out = np.empty((len(items), size, size, 3), np.uint8)
+    out = np.empty((2, len(items), size, size, 3), np.uint8)
     for i, (member, width, height, box) in enumerate(items):
         try:
             img = Image.open(io.BytesIO(zf.read(member)))
@@ -199,12 +207,16 @@ def _decode_chunk(task: tuple[str, list[tuple[str, int, int, tuple]], int]) -> n
             raise GtsrbError(
                 f"{archive}: {member} is {img.size[0]}x{img.size[1]} but its CSV row says {width}x{height}"
             )
-        out[i] = to_model_input(img, box, size)
+        out[0, i] = to_model_input(img, box, size)
+        out[1, i] = to_model_input(img, None, size)
     return out
 
 
-def decode(archive: Path, samples: list[Sample], params: PrepareParams, desc: str) -> np.ndarray:
-    """Decode, crop and resize ``samples`` on ``params.workers`` processes (0: all cores)."""
+def decode(
+    archive: Path, samples: list[Sample], params: PrepareParams, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``samples`` on ``params.workers`` processes (0: all cores); return their crops
+    (ROI plus margin) and the whole images, both resized."""
     items = [(s.member, s.width, s.height, crop_box(s, params.roi_margin)) for s in samples]
     tasks = [(str(archive), items[i : i + CHUNK], params.image_size) for i in range(0, len(items), CHUNK)]
     workers = min(params.workers or mp.cpu_count(), max(1, len(tasks)))
@@ -213,14 +225,23 @@ def decode(archive: Path, samples: list[Sample], params: PrepareParams, desc: st
     with bar:
         if workers == 1:
             results = map(_decode_chunk, tasks)
-            chunks = [bar.update(len(c)) or c for c in results]
+            chunks = [bar.update(c.shape[1]) or c for c in results]
         else:
             with mp.get_context("spawn").Pool(workers) as pool:
-                chunks = [bar.update(len(c)) or c for c in pool.imap(_decode_chunk, tasks)]
+                chunks = [bar.update(c.shape[1]) or c for c in pool.imap(_decode_chunk, tasks)]
     _zips.clear()
     if not chunks:
-        return np.empty((0, params.image_size, params.image_size, 3), np.uint8)
-    return np.concatenate(chunks)
+        empty = np.empty((0, params.image_size, params.image_size, 3), np.uint8)
+        return empty, empty.copy()
+    both = np.concatenate(chunks, axis=1)
+    return both[0], both[1]
+
+
+def boxes(samples: list[Sample], margin: float) -> np.ndarray:
+    """float32 [N, 4]: each sample's crop box as fractions of its image (x1, y1, x2, y2)."""
+    out = np.array([crop_box(s, margin) for s in samples], np.float32).reshape(-1, 4)
+    sizes = np.array([(s.width, s.height) for s in samples], np.float32).reshape(-1, 2)
+    return out / np.tile(sizes, 2)
 
 
 def split_by_track(labels: np.ndarray, tracks: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -235,25 +256,39 @@ def split_by_track(labels: np.ndarray, tracks: np.ndarray, fraction: float, seed
     return np.isin(tracks, val_tracks)
 
 
-def _counts(labels: np.ndarray) -> dict[str, int]:
-    return {str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=NUM_CLASSES))}
+def class_table(splits: dict[str, dict[str, np.ndarray]]) -> str:
+    """CSV: per class, its images in each split and its tracks in train and val."""
+    cols = {name: np.bincount(a["labels"], minlength=NUM_CLASSES) for name, a in splits.items()}
+    tracks = {
+        name: np.bincount(np.unique(a["tracks"]) // 100000, minlength=NUM_CLASSES)
+        for name, a in splits.items()
+        if "tracks" in a
+    }
+    header = ["class_id", "class", *cols, *(f"{name}_tracks" for name in tracks)]
+    rows = [",".join(header)]
+    for c in range(NUM_CLASSES):
+        values = [cols[n][c] for n in cols] + [tracks[n][c] for n in tracks]
+        rows.append(",".join([str(c), f'"{CLASS_NAMES[c]}"', *map(str, values)]))
+    return "\n".join(rows) + "\n"
 
 
 def prepare(
     raw_dir: str | Path,
     out_dir: str | Path,
-    metrics_path: str | Path,
+    report_dir: str | Path,
     archives: Archives,
     params: PrepareParams,
 ) -> dict:
-    """Run the stage; return what it writes to ``metrics_path``."""
+    """Run the stage; return the summary it writes to ``report_dir``/summary.json (and
+    classes.csv: images per class and split, the plot of dvc.yaml)."""
     raw_dir = Path(raw_dir)
     train_zip, test_zip, gt_zip = (raw_dir / a.name for a in archives.all())
     started = time.perf_counter()
     train = index_training(train_zip)
     test = index_test(test_zip, gt_zip)
-    train_x = decode(train_zip, train, params, "train")
-    test_x = decode(test_zip, test, params, "test")
+    train_x, train_whole = decode(train_zip, train, params, "train")
+    test_x, test_whole = decode(test_zip, test, params, "test")
+    train_boxes, test_boxes = boxes(train, params.roi_margin), boxes(test, params.roi_margin)
     seconds = time.perf_counter() - started
     log.info(
         "decoded %d images in %.1fs (%.0f images/s)",
@@ -265,20 +300,33 @@ def prepare(
     tracks = np.array([s.track for s in train], np.int64)
     is_val = split_by_track(labels, tracks, params.val_fraction, params.seed)
     splits = {
-        "train": {"images": train_x[~is_val], "labels": labels[~is_val], "tracks": tracks[~is_val]},
-        "val": {"images": train_x[is_val], "labels": labels[is_val], "tracks": tracks[is_val]},
-        "test": {"images": test_x, "labels": np.array([s.label for s in test], np.int64)},
+        name: {
+            "images": train_x[rows],
+            "whole": train_whole[rows],
+            "boxes": train_boxes[rows],
+            "labels": labels[rows],
+            "tracks": tracks[rows],
+        }
+        for name, rows in (("train", ~is_val), ("val", is_val))
+    }
+    splits["test"] = {
+        "images": test_x,
+        "whole": test_whole,
+        "boxes": test_boxes,
+        "labels": np.array([s.label for s in test], np.int64),
     }
     with atomic_dir(out_dir) as tmp:
         for name, arrays in splits.items():
             np.savez(tmp / f"{name}.npz", **arrays)
-    metrics: dict = {"image_size": params.image_size}
-    for name, arrays in splits.items():
-        metrics[name] = {"images": len(arrays["labels"]), "per_class": _counts(arrays["labels"])}
-        if "tracks" in arrays:
-            metrics[name]["tracks"] = len(np.unique(arrays["tracks"]))
-    write_json(metrics_path, metrics)
-    return metrics
+    summary = {
+        "image_size": params.image_size,
+        "images": {name: len(a["labels"]) for name, a in splits.items()},
+        "tracks": {name: len(np.unique(a["tracks"])) for name, a in splits.items() if "tracks" in a},
+    }
+    with atomic_dir(report_dir) as tmp:
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "classes.csv").write_text(class_table(splits))
+    return summary
 
 
 def load_split(path: str | Path) -> dict[str, np.ndarray]:
@@ -293,14 +341,22 @@ def load_split(path: str | Path) -> dict[str, np.ndarray]:
         raise GtsrbError(
             f"{path}: corrupt or not a prepared split ({exc}); run `dvc repro prepare`"
         ) from None
-    images, labels = arrays.get("images"), arrays.get("labels")
+    images, whole, boxes, labels = (arrays.get(k) for k in ("images", "whole", "boxes", "labels"))
     if (
         images is None
+        or whole is None
+        or boxes is None
         or labels is None
         or images.ndim != 4
         or images.shape[3] != 3
         or images.dtype != np.uint8
+        or whole.shape != images.shape
+        or whole.dtype != np.uint8
+        or boxes.shape != (len(images), 4)
         or labels.shape != (len(images),)
     ):
-        raise GtsrbError(f"{path}: expected images uint8 [N,S,S,3] and labels [N]; run `dvc repro prepare`")
+        raise GtsrbError(
+            f"{path}: expected images and whole uint8 [N,S,S,3], boxes [N,4] and labels [N] "
+            "(written by an older prepare?); run `dvc repro prepare`"
+        )
     return arrays

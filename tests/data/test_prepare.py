@@ -1,5 +1,6 @@
 """prepare on hand-built archives in the official layout: labels, counts, pixels, errors."""
 
+import csv
 import json
 import re
 import zipfile
@@ -43,10 +44,14 @@ def test_labels_counts_and_order(workdir, params):
     assert test["labels"].tolist() == [im.label for im in s.test]  # order of GT-final_test.csv
     assert test["images"].shape == (6, 32, 32, 3) and test["images"].dtype == np.uint8
     assert test["labels"].dtype == np.int64 and "tracks" not in test
-    metrics = json.loads((workdir / "metrics/data.json").read_text())
-    assert metrics["test"]["images"] == 6 and metrics["test"]["per_class"]["0"] == 2
-    assert metrics["train"]["images"] + metrics["val"]["images"] == 18
-    assert metrics["train"]["per_class"]["5"] == 0 and len(metrics["train"]["per_class"]) == 43
+    assert test["whole"].shape == test["images"].shape and test["boxes"].shape == (6, 4)
+    summary = json.loads((workdir / "reports/data/summary.json").read_text())
+    assert summary["images"]["test"] == 6 and summary["images"]["train"] + summary["images"]["val"] == 18
+    assert summary["tracks"]["train"] == len(np.unique(train["tracks"]))
+    classes = list(csv.DictReader((workdir / "reports/data/classes.csv").open()))
+    assert len(classes) == 43 and classes[14]["class"] == "Stop"
+    assert int(classes[0]["test"]) == 2 and int(classes[5]["train"]) == 0
+    assert sum(int(c["train"]) + int(c["val"]) for c in classes) == 18
 
 
 def test_roi_crop_pixel_by_pixel(workdir, params):
@@ -63,6 +68,21 @@ def test_roi_crop_pixel_by_pixel(workdir, params):
     # A margin of 0.2 grows the box by 2 px a side, clipped at the image edge (x1 = 5 - 2 = 3).
     assert prepare_with(workdir, params, size=14, margin=0.2, s=s)[0] == 0
     assert np.array_equal(load_split("data/prepared/test.npz")["images"][0], pixels[4:18, 3:17])
+
+
+def test_whole_image_and_box_of_the_crop(workdir, params):
+    """``whole`` is the whole image resized as /predict resizes an upload without ROI; ``boxes``
+    says where the crop lies in it, as fractions."""
+    s = archives.build(classes=(3,), tracks=2, frames=1, n_test=1)
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    s.zips[archives.TEST_IMAGES]["GTSRB/Final_Test/Images/00000.ppm"] = archives.ppm(pixels)
+    s.zips[archives.TEST_GT]["GT-final_test.csv"] = archives.csv([("00000.ppm", 20, 20, 4, 5, 16, 15, 3)])
+    assert prepare_with(workdir, params, size=20, margin=0.25, s=s)[0] == 0
+    test = load_split("data/prepared/test.npz")
+    assert np.array_equal(test["whole"][0], pixels)
+    # ROI 12 x 10 grown by 25% a side: x 1-19, y 2.5-17.5
+    assert test["boxes"][0] == pytest.approx([1 / 20, 2.5 / 20, 19 / 20, 17.5 / 20])
 
 
 def test_validation_split_keeps_whole_tracks(workdir, params):
@@ -154,20 +174,14 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_archive_fails_clearly_and_keeps_previous_outputs(workdir, params, capsys, case):
     assert prepare_with(workdir, params)[0] == 0
-    before = (
-        tree_digest(workdir / "data" / "prepared"),
-        (workdir / "metrics/data.json").read_bytes(),
-    )
+    before = (tree_digest(workdir / "data" / "prepared"), tree_digest(workdir / "reports"))
     breaker, message = BAD_INPUTS[case]
     s = archives.build()
     breaker(s)
     s.write(workdir / "data" / "raw")
     assert main(["prepare"]) == 1
     assert re.search(message, capsys.readouterr().err)
-    assert (
-        tree_digest(workdir / "data" / "prepared"),
-        (workdir / "metrics/data.json").read_bytes(),
-    ) == before
+    assert (tree_digest(workdir / "data" / "prepared"), tree_digest(workdir / "reports")) == before
     assert not [p for p in (workdir / "data").iterdir() if p.name.startswith(".")]
 
 
@@ -201,5 +215,11 @@ def test_prepared_split_checks(tmp_path):
     with pytest.raises(GtsrbError, match=r"bad\.npz: corrupt"):
         load_split(tmp_path / "bad.npz")
     np.savez(tmp_path / "wrong.npz", images=np.zeros((2, 4, 4), np.uint8), labels=np.zeros(2, np.int64))
-    with pytest.raises(GtsrbError, match="expected images uint8"):
+    with pytest.raises(GtsrbError, match="expected images and whole uint8"):
         load_split(tmp_path / "wrong.npz")
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    np.savez(tmp_path / "old.npz", images=images, labels=np.zeros(2, np.int64))  # before `whole`
+    with pytest.raises(
+        GtsrbError, match=r"old\.npz: .*\(written by an older prepare\?\); run `dvc repro prepare`"
+    ):
+        load_split(tmp_path / "old.npz")

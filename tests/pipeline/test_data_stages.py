@@ -1,5 +1,6 @@
 """fetch-gtsrb and prepare through `dvc repro` in a temporary git+DVC repo."""
 
+import csv
 import json
 
 import pytest
@@ -32,13 +33,13 @@ def test_repro_downloads_prepares_and_is_then_a_no_op(served_repo, archive_serve
     assert sorted(p.name for p in (served_repo / "data/raw").iterdir()) == sorted(archive_server.requests)
     for split in ("train", "val", "test"):
         assert (served_repo / f"data/prepared/{split}.npz").is_file()
-    metrics = json.loads((served_repo / "metrics/data.json").read_text())
-    assert metrics["test"]["images"] == 8 and metrics["train"]["images"] + metrics["val"]["images"] == 36
+    images = json.loads((served_repo / "reports/data/summary.json").read_text())["images"]
+    assert images["test"] == 8 and images["train"] + images["val"] == 36
     lock = yaml.safe_load((served_repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"fetch-gtsrb", "prepare"}
-    # metrics are committed to git, data is ignored by git
+    # reports are committed to git, data is ignored by git
     status = run(["git", "status", "--porcelain", "-uall"], served_repo).stdout
-    assert "metrics/data.json" in status and "data/raw" not in status and "data/prepared" not in status
+    assert "reports/data/classes.csv" in status and "data/raw" not in status and "data/prepared" not in status
     requests = len(archive_server.requests)
     again = run(["dvc", "repro", "prepare"], served_repo).stdout
     assert "Running stage" not in again and "didn't change, skipping" in again
@@ -57,7 +58,7 @@ def test_failed_repro_keeps_cache_and_lock(served_repo, params):
     assert "prepare.image_size: expected an integer, got 'big'" in proc.stderr + proc.stdout
     assert cache_digest(served_repo) == cache and (served_repo / "dvc.lock").read_bytes() == lock
     # DVC removed the stage's outputs before running it; git and the cache restore them intact.
-    run(["git", "checkout", "--", "params.yaml", "metrics"], served_repo)
+    run(["git", "checkout", "--", "params.yaml", "reports"], served_repo)
     run(["dvc", "checkout", "prepare"], served_repo)
     assert "up to date" in run(["dvc", "status", "prepare"], served_repo).stdout
 
@@ -69,10 +70,11 @@ def test_offline_synthetic_experiment(dvc_repo):
     for s in sets:
         cmd += ["-S", s]
     run(cmd, dvc_repo)
-    metrics = json.loads((dvc_repo / "metrics/data.json").read_text())
-    assert metrics["test"]["images"] == 43 * TINY_SYNTHETIC["test_per_class"]
+    images = json.loads((dvc_repo / "reports/data/summary.json").read_text())["images"]
+    assert images["test"] == 43 * TINY_SYNTHETIC["test_per_class"]
     n_train = 43 * TINY_SYNTHETIC["tracks_per_class"] * TINY_SYNTHETIC["frames_per_track"]
-    assert metrics["train"]["images"] + metrics["val"]["images"] == n_train
-    assert all(n > 0 for n in metrics["val"]["per_class"].values())
+    assert images["train"] + images["val"] == n_train
+    classes = list(csv.DictReader((dvc_repo / "reports/data/classes.csv").open()))
+    assert len(classes) == 43 and all(int(c["val"]) > 0 for c in classes)
     show = run(["dvc", "exp", "show", "--md", "--only-changed"], dvc_repo).stdout
     assert "synthetic" in show
