@@ -80,6 +80,7 @@ class TrainParams:
     weight_decay: float = _range(0)
     dropout: float = _range(0, 0.9)
     augment: float = _range(0, 1)
+    framing: float = _range(0, 1)
     seed: int = _range(0)
     threads: int = _range(0)
 
@@ -94,6 +95,12 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    opset: int = _range(13, 20)
+    tolerance: float = _range(0, 1)
+
+
+@dataclass(frozen=True)
 class CompareParams:
     tolerance: float = _range(0, 1)
     bootstrap: int = _range(100)
@@ -104,6 +111,7 @@ SECTIONS: dict[str, type] = {
     "fetch": FetchParams,
     "prepare": PrepareParams,
     "train": TrainParams,
+    "export": ExportParams,
     "evaluate": EvaluateParams,
     "compare": CompareParams,
 }

@@ -23,13 +23,15 @@ from tqdm import tqdm
 
 from gtsrb import backends, models
 from gtsrb.errors import ParamsError
-from gtsrb.fsutil import atomic_dir, atomic_file, md5sum
+from gtsrb.fsutil import atomic_dir, atomic_file, md5sum, write_json
 from gtsrb.params import TrainParams, as_dict
 from gtsrb.prepare import load_split
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 512
+# The two framings of a prepared split (prepare.py): the ROI crop and the whole image
+FRAMINGS = {"roi": "images", "whole": "whole"}
 
 
 def set_threads(threads: int) -> int:
@@ -39,10 +41,30 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+def random_boxes(boxes: torch.Tensor, framing: float, gen: torch.Generator) -> torch.Tensor:
+    """For each ROI box [N, 4] (fractions of the whole image), a crop box between it and the
+    whole image: each side moves out by up to ``framing`` of its distance to the image's edge
+    (0: the ROI, 1: anywhere up to the whole image), independently, as a detector's loose or
+    off-centre box would."""
+    out = torch.rand(boxes.shape, generator=gen) * framing
+    far = torch.tensor([0.0, 0.0, 1.0, 1.0])  # the whole image's corners
+    return boxes + (far - boxes) * out
+
+
+def augment(
+    x: torch.Tensor,
+    strength: float,
+    gen: torch.Generator,
+    boxes: torch.Tensor | None = None,
+    framing: float = 0.0,
+) -> torch.Tensor:
     """Random affine (rotation up to 15 deg, scale and shift up to 10%) plus brightness and
-    contrast up to 30%, all scaled by ``strength``, for a float NCHW batch in [0, 1]."""
-    if strength <= 0:
+    contrast up to 30%, all scaled by ``strength``, for a float NCHW batch in [0, 1].
+
+    With ``boxes`` (each image's ROI as fractions of it, from prepare), each image is first
+    cropped to a random box between its ROI and the whole (``random_boxes``), in the same
+    resampling as the affine."""
+    if strength <= 0 and boxes is None:
         return x
     n = x.shape[0]
 
@@ -54,8 +76,16 @@ def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Ten
     theta = torch.stack(
         [torch.stack([cos, -sin, uniform(0.1)], 1), torch.stack([sin, cos, uniform(0.1)], 1)], 1
     )
+    if boxes is not None:  # output -> the crop box (theta) -> the whole image, in [-1, 1] units
+        box = random_boxes(boxes, framing, gen)
+        half = torch.stack([box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]], 1)  # half sides
+        centre = torch.stack([box[:, 0] + box[:, 2], box[:, 1] + box[:, 3]], 1) - 1
+        theta = theta * half.unsqueeze(2)
+        theta[:, :, 2] += centre
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if strength <= 0:
+        return x
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     contrast, brightness = 1 + uniform(0.3).view(n, 1, 1, 1), 1 + uniform(0.3).view(n, 1, 1, 1)
     return ((x - mean) * contrast + mean).mul_(brightness).clamp_(0, 1)
@@ -122,8 +152,12 @@ def train(
     p: TrainParams,
     probe: Callable[[nn.Module, float], None] | None = None,
     probe_every: int = 0,
+    metrics_path: str | Path | None = None,
 ) -> dict:
-    """Train ``p.arch`` on prepared/train.npz (validating on val.npz); return the final metrics.
+    """Train ``p.arch`` on prepared/train.npz (validating on val.npz, both framings); return the
+    final metrics. ``live_dir`` gets dvclive's curves (per epoch: training loss, validation loss
+    and accuracy per framing), ``metrics_path`` (if given) the final validation figures, the
+    stage's headline metrics: what to tune on (the test split is for the final word).
 
     ``probe(model, seconds)``, if given, is called every ``probe_every`` steps with the model
     in eval mode and the training time so far; its own time is not counted (the benchmark
@@ -141,9 +175,12 @@ def train(
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(p.seed)
 
-    x = torch.from_numpy(train_split["images"])
+    # framing > 0: crops between each ROI and its whole image, else the ROI crops as prepared
+    x = torch.from_numpy(train_split["whole" if p.framing > 0 else "images"])
+    train_boxes = torch.from_numpy(train_split["boxes"]) if p.framing > 0 else None
     y = torch.from_numpy(train_split["labels"])
-    xv, yv = torch.from_numpy(val_split["images"]), torch.from_numpy(val_split["labels"])
+    val_x = {f: torch.from_numpy(val_split[key]) for f, key in FRAMINGS.items()}
+    yv = torch.from_numpy(val_split["labels"])
     image_size = x.shape[1]
     mean, std = channel_stats(x)
 
@@ -173,7 +210,9 @@ def train(
                 bar = tqdm(range(batches), desc=f"epoch {epoch}/{p.epochs}", unit="batch", disable=None)
                 for b in bar:
                     idx = perm[b * p.batch_size : (b + 1) * p.batch_size]
-                    xb = models.standardize(augment(models.to_unit(x[idx]), p.augment, gen), mean, std)
+                    boxes = train_boxes[idx] if train_boxes is not None else None
+                    xb = augment(models.to_unit(x[idx]), p.augment, gen, boxes, p.framing)
+                    xb = models.standardize(xb, mean, std)
                     xb = xb.contiguous(memory_format=layout)
                     logits = model(xb)
                     loss = F.cross_entropy(logits, y[idx])
@@ -193,26 +232,27 @@ def train(
                         model.train()
                         probing += time.perf_counter() - probe_start
                 images_per_s = seen / (time.perf_counter() - epoch_start - (probing - probed))
-                val_loss, val_acc = evaluate_split(model, xv, yv, mean, std, layout)
+                val = {f: evaluate_split(model, xf, yv, mean, std, layout) for f, xf in val_x.items()}
                 metrics = {
-                    "train/loss": loss_sum / seen,
-                    "train/acc": correct / seen,
-                    "val/loss": val_loss,
-                    "val/acc": val_acc,
+                    "train/loss": round(loss_sum / seen, 6),
+                    "val/loss": round(val["roi"][0], 6),
+                    **{f"val/accuracy/{f}": round(acc, 6) for f, (_, acc) in val.items()},
                 }
                 # Only deterministic values go to the stage's outputs (so dvc.lock is reproducible);
                 # throughput is logged and returned.
                 for name, value in metrics.items():
-                    live.log_metric(name, round(value, 6), timestamp=False)
+                    live.log_metric(name, value, timestamp=False)
                 live.next_step()
                 epochs_per_s.append(images_per_s)
                 log.info(
-                    "epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f, %.0f images/s",
+                    "epoch %d: train loss %.4f acc %.4f, val loss %.4f, accuracy %.4f (ROI) %.4f (whole), "
+                    "%.0f images/s",
                     epoch,
                     metrics["train/loss"],
-                    metrics["train/acc"],
-                    val_loss,
-                    val_acc,
+                    correct / seen,
+                    metrics["val/loss"],
+                    metrics["val/accuracy/roi"],
+                    metrics["val/accuracy/whole"],
                     images_per_s,
                 )
         seconds = time.perf_counter() - started - probing
@@ -224,7 +264,7 @@ def train(
             std.tolist(),
             as_dict(p),
             {
-                "val_accuracy": metrics["val/acc"],
+                "val_accuracy": {f: metrics[f"val/accuracy/{f}"] for f in FRAMINGS},
                 "threads": threads,
                 "data": {
                     "train_md5": md5sum(prepared / "train.npz"),
@@ -238,4 +278,7 @@ def train(
         torch.save(ckpt, buffer)
         with atomic_file(model_path) as tmp_model:
             tmp_model.write_bytes(buffer.getvalue())
+            if metrics_path is not None:  # written with the model: both or neither
+                headline = {"loss": metrics["val/loss"], "accuracy": ckpt["val_accuracy"]}
+                write_json(metrics_path, {"val": headline})
     return {**metrics, "seconds": seconds, "images_per_s": epochs_per_s}

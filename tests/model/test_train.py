@@ -1,5 +1,6 @@
 """Training: deterministic per seed, validated params, and an interruption loses nothing."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,28 +10,23 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from gtsrb import params as P
 from gtsrb.errors import ParamsError
 from gtsrb.models import load_checkpoint
-from gtsrb.train import augment, train
-from tests.conftest import ROOT, set_key, tree_digest, write_params
+from gtsrb.train import augment, random_boxes, train
+from tests.conftest import ROOT, set_key, tree_digest, write_params, write_split
 
 
 def write_prepared(folder, n=96, size=32, seed=0):
     """Random prepared splits whose label is told by the mean colour (learnable, tiny)."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", n), ("val", n // 4)):
         labels = rng.integers(0, 43, count)
         images = rng.integers(0, 60, (count, size, size, 3)).astype(np.uint8)
         images[..., 0] += (labels * 4).astype(np.uint8)[:, None, None]
-        np.savez(
-            folder / f"{split}.npz",
-            images=images,
-            labels=labels.astype(np.int64),
-            tracks=np.arange(count, dtype=np.int64),
-        )
+        write_split(folder / f"{split}.npz", images, labels, tracks=np.arange(count, dtype=np.int64))
 
 
 def train_params(**change) -> P.TrainParams:
@@ -64,7 +60,7 @@ def test_one_cycle_warm_up_of_any_length_trains(tmp_path, warmup, steps):
         tmp_path / "live",
         train_params(epochs=1, batch_size=8, schedule="onecycle", warmup=warmup),
     )
-    assert 0 <= out["val/acc"] <= 1
+    assert 0 <= out["val/accuracy/roi"] <= 1
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
@@ -76,19 +72,29 @@ def test_every_schedule_runs_even_for_two_steps(tmp_path, schedule):
         tmp_path / "live",
         train_params(epochs=1, batch_size=32, schedule=schedule),
     )
-    assert 0 <= out["val/acc"] <= 1  # OneCycleLR used to divide by zero here, before any epoch
+    assert 0 <= out["val/accuracy/roi"] <= 1  # OneCycleLR used to divide by zero here, before any epoch
     _, ckpt = load_checkpoint(tmp_path / "m.pt")
     assert ckpt["params"]["schedule"] == schedule
 
 
-def test_curves_and_summary_are_logged(tmp_path):
+def test_curves_and_headline_metrics_are_logged(tmp_path):
     write_prepared(tmp_path / "prepared")
-    train(tmp_path / "prepared", tmp_path / "model.pt", tmp_path / "live", train_params(epochs=3))
-    for name in ("train/loss", "train/acc", "val/loss", "val/acc"):
+    out = train(
+        tmp_path / "prepared",
+        tmp_path / "model.pt",
+        tmp_path / "live",
+        train_params(epochs=3),
+        metrics_path=tmp_path / "train.json",
+    )
+    for name in ("train/loss", "val/loss", "val/accuracy/roi", "val/accuracy/whole"):
         rows = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
-        assert rows[0].split("\t") == ["step", name.split("/")[1]] and len(rows) == 4
+        assert rows[0].split("\t") == ["step", name.rsplit("/", 1)[1]] and len(rows) == 4
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert ckpt["params"]["epochs"] == 3 and ckpt["arch"] == "fast_sign_net" and len(ckpt["mean"]) == 3
+    headline = json.loads((tmp_path / "train.json").read_text())
+    accuracy = {"roi": out["val/accuracy/roi"], "whole": out["val/accuracy/whole"]}
+    assert headline == {"val": {"loss": out["val/loss"], "accuracy": accuracy}}
+    assert ckpt["val_accuracy"] == accuracy
 
 
 def test_augment_keeps_shape_range_and_is_seeded():
@@ -99,11 +105,64 @@ def test_augment_keeps_shape_range_and_is_seeded():
     assert not torch.equal(a, x) and torch.equal(augment(x, 0.0, torch.Generator()), x)
 
 
+def test_framing_augmentation_is_seeded_and_stays_between_roi_and_whole():
+    x = torch.rand(64, 3, 32, 32)
+    roi = torch.tensor([[0.1, 0.15, 0.9, 0.8]]).repeat(64, 1)
+    a = augment(x, 1.0, torch.Generator().manual_seed(3), roi, 1.0)
+    assert torch.equal(a, augment(x, 1.0, torch.Generator().manual_seed(3), roi, 1.0))
+    assert not torch.equal(a, augment(x, 1.0, torch.Generator().manual_seed(4), roi, 1.0))
+    boxes = random_boxes(roi, 1.0, torch.Generator().manual_seed(0))
+    assert (boxes[:, :2] <= roi[:, :2]).all() and (boxes[:, :2] >= 0).all()
+    assert (boxes[:, 2:] >= roi[:, 2:]).all() and (boxes[:, 2:] <= 1).all()
+    spread = boxes - roi  # each side moves on its own, across most of its range
+    assert spread.std(0).min() > 0.02 and len({tuple(b) for b in boxes.tolist()}) == 64
+    half = random_boxes(roi, 0.5, torch.Generator().manual_seed(0))  # at most half way out
+    assert torch.allclose(half, roi + (boxes - roi) / 2, atol=1e-6)
+    assert torch.equal(random_boxes(roi, 0.0, torch.Generator()), roi)
+
+
+def test_framing_crops_the_box_of_the_whole_image():
+    """Without jitter the crop is exactly the box, resampled as a bilinear resize of it would be
+    (but for the last row and column, which blend in the image's next pixels: the crop of a
+    larger image has them, the resize of the cut-out does not)."""
+    x = torch.rand(2, 3, 32, 32)
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(2, 1)
+    assert torch.allclose(augment(x, 0.0, torch.Generator(), whole, 0.0), x, atol=1e-6)
+    corner = torch.tensor([[0.0, 0.0, 0.5, 0.5]]).repeat(2, 1)
+    expected = F.interpolate(x[..., :16, :16], size=32, mode="bilinear", align_corners=False)
+    crop = augment(x, 0.0, torch.Generator(), corner, 0.0)
+    assert torch.allclose(crop[..., :-1, :-1], expected[..., :-1, :-1], atol=1e-5)
+
+
+def test_training_with_framing_reads_the_whole_images(tmp_path):
+    """framing > 0 trains on ``whole`` and its boxes: blank whole images train a different model."""
+    write_prepared(tmp_path / "prepared")
+    blank = tmp_path / "blank"
+    for split in ("train", "val"):
+        arrays = dict(np.load(tmp_path / "prepared" / f"{split}.npz"))
+        arrays["whole"] = np.zeros_like(arrays["whole"])
+        write_split(blank / f"{split}.npz", **arrays)
+    for folder in (tmp_path / "prepared", blank):
+        for framing in (0.0, 1.0):
+            train(folder, folder / f"m{framing}.pt", folder / f"live{framing}", train_params(framing=framing))
+
+    def weights(path):
+        return torch.load(path, weights_only=True)["state_dict"]
+
+    def equal(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert equal(weights(tmp_path / "prepared" / "m0.0.pt"), weights(blank / "m0.0.pt"))
+    assert not equal(weights(tmp_path / "prepared" / "m1.0.pt"), weights(blank / "m1.0.pt"))
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
         ("train.batch_size", 0, "train.batch_size: must be >= 1, got 0"),
         ("train.lr", -0.1, "train.lr: must be > 0, got -0.1"),
+        ("train.framing", 1.5, "train.framing: must be <= 1, got 1.5"),
+        ("train.framing", "loose", "train.framing: expected a number, got 'loose'"),
         (
             "train.arch",
             "resnet",
@@ -149,4 +208,6 @@ def test_interrupted_training_keeps_the_previous_model(tmp_path, params, sig):
         assert "interrupted; previous outputs left as they were" in rest
         assert not [p for p in (tmp_path / "models").iterdir() if p.name != "model.pt"]
     assert (tmp_path / "models" / "model.pt").read_bytes() == previous
-    assert not (tmp_path / "metrics" / "train").exists()
+    assert (
+        not (tmp_path / "metrics" / "train").exists() and not (tmp_path / "metrics" / "train.json").exists()
+    )
