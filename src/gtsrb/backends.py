@@ -8,27 +8,14 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import re
-import socket
-from pathlib import Path
 
 import torch
 
 from gtsrb.errors import GtsrbError
-
-BACKENDS = ("openblas", "acl")
-
-# CPU part numbers of Arm Neoverse cores (/proc/cpuinfo "CPU part" on aarch64).
-ARM_PARTS = {
-    "0xd0c": "Neoverse N1",
-    "0xd40": "Neoverse V1",
-    "0xd49": "Neoverse N2",
-    "0xd4f": "Neoverse V2",
-    "0xd8e": "Neoverse N3",
-    "0xd84": "Neoverse V3",
-}
+from gtsrb.machine import machine
+from gtsrb.runtimes import BACKENDS
 
 
 def conv_layout() -> torch.memory_format:
@@ -54,18 +41,6 @@ def blas() -> str:
     match = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     name = match.group(1) if match else "unknown"
     return {"open": "openblas"}.get(name, name)
-
-
-def cpu_model() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    if m := re.search(r"^model name\s*:\s*(.+)$", info, re.M):
-        return m.group(1).strip()
-    if m := re.search(r"^CPU part\s*:\s*(\w+)$", info, re.M):
-        return ARM_PARTS.get(m.group(1).lower(), f"Arm CPU part {m.group(1)}")
-    return platform.processor() or "unknown"
 
 
 def select(backend: str) -> dict:
@@ -98,8 +73,5 @@ def select(backend: str) -> dict:
         "onednn_available": torch.backends.mkldnn.is_available(),
         "onednn_enabled": bool(torch.backends.mkldnn.enabled),
         "acl_available": acl,
-        "arch": arch,
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "host": socket.gethostname(),
+        **machine(),
     }

@@ -20,11 +20,11 @@ from pathlib import Path
 from gtsrb.errors import GtsrbError
 
 MARKER = "<!-- gtsrb-ci-report -->"
-CURVES = {
-    "Validation accuracy": "metrics/train/plots/metrics/val/acc.tsv",
-    "Training loss": "metrics/train/plots/metrics/train/loss.tsv",
+CURVES = {  # title: (dvclive TSV, y axis)
+    "Validation accuracy, whole images": ("metrics/train/plots/metrics/val/accuracy/whole.tsv", "accuracy"),
+    "Training loss": ("metrics/train/plots/metrics/train/loss.tsv", "loss"),
 }
-DETAIL_KEYS = ("per_class", "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "calls_per_run", "speedup_ci95")
+ERRORS = "reports/test-openblas/errors.md"  # error_report.py's page of the baseline's test stage
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -56,7 +56,7 @@ def _curve(repo: Path, rev: str | None, path: str) -> list[float]:
     return [round(float(r[-1]), 4) for r in rows]
 
 
-def mermaid_chart(title: str, base: list[float], head: list[float]) -> str:
+def mermaid_chart(title: str, axis: str, base: list[float], head: list[float]) -> str:
     n = max(len(base), len(head))
     top = max([*base, *head, 0.0])
     upper = 1.0 if top <= 1.0 else round(top * 1.1, 2)
@@ -65,7 +65,7 @@ def mermaid_chart(title: str, base: list[float], head: list[float]) -> str:
         "xychart-beta",
         f'    title "{title}"',
         f'    x-axis "epoch" [{", ".join(str(i) for i in range(1, n + 1))}]',
-        f'    y-axis "{title.split()[-1]}" 0 --> {upper}',
+        f'    y-axis "{axis}" 0 --> {upper}',
     ]
     lines += [f"    line [{', '.join(map(str, series))}]" for series in (base, head) if series]
     return "\n".join([*lines, "```"])
@@ -77,31 +77,28 @@ def build_report(repo: str | Path, base: str, head_label: str = "this PR") -> st
     metrics_md = _run(["dvc", "metrics", "diff", base, "--md"], repo)
     params_md = _run(["dvc", "params", "diff", base, "--md"], repo)
     out = [MARKER, f"## GTSRB pipeline: {head_label} vs `{base}`", ""]
-    header, rows = sorted_table(metrics_md)
-    main_rows = [r for r in rows if not any(k in r for k in DETAIL_KEYS)]
-    detail_rows = [r for r in rows if any(k in r for k in DETAIL_KEYS)]
+    header, rows = sorted_table(metrics_md)  # headline figures only: short enough to show whole
     out += ["### Metrics", ""]
-    out += [_table(header, main_rows) if main_rows else "No metric changed.", ""]
-    if detail_rows:
-        out += [
-            f"<details><summary>{len(detail_rows)} more changed metrics (per class, latency spread)</summary>",
-            "",
-            _table(header, detail_rows),
-            "",
-            "</details>",
-            "",
-        ]
+    out += [_table(header, rows) if rows else "No metric changed.", ""]
     header, rows = sorted_table(params_md)
     out += ["### Params", "", _table(header, rows) if rows else "No parameter changed.", ""]
     compare = repo / "reports" / "compare.md"
-    out += ["### OpenBLAS vs oneDNN + ACL", ""]
+    out += ["### Runtimes", ""]
     if compare.is_file():
         body = "\n".join(line for line in compare.read_text().splitlines() if not line.startswith("# "))
         out += [body.strip(), ""]
     else:
         out += ["No comparison: the test stages did not run.", ""]
+    errors = repo / ERRORS
+    if errors.is_file():  # its framing table and the classes most confused on whole images
+        page = errors.read_text().split("\n## ")
+        whole = next((part for part in page if part.startswith("Most confused classes, whole")), "")
+        out += ["### Errors", "", page[0].split("\n", 2)[-1].strip(), ""]
+        if whole:
+            out += ["Most confused on whole images:", "", whole.split("\n", 1)[1].strip(), ""]
+        out += [f"Misclassified test images: `{ERRORS.replace('.md', '.png')}` (`dvc plots show`).", ""]
     out += ["### Training curves", ""]
-    for title, path in CURVES.items():
+    for title, (path, axis) in CURVES.items():
         base_curve, head_curve = _curve(repo, base, path), _curve(repo, None, path)
         if not head_curve and not base_curve:
             continue
@@ -110,7 +107,7 @@ def build_report(repo: str | Path, base: str, head_label: str = "this PR") -> st
             if base_curve and head_curve
             else ("head only: the base has no training curves yet" if head_curve else "base only")
         )
-        out += [f"**{title}** ({legend})", "", mermaid_chart(title, base_curve, head_curve), ""]
+        out += [f"**{title}** ({legend})", "", mermaid_chart(title, axis, base_curve, head_curve), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -31,12 +31,15 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from gtsrb.prepare import prepare
 
     archives = P.load("fetch", args.params).archives
-    metrics = prepare(args.raw, args.out, args.metrics, archives, P.load("prepare", args.params))
+    summary = prepare(args.raw, args.out, args.report, archives, P.load("prepare", args.params))
+    images, tracks = summary["images"], summary["tracks"]
     log.info(
-        "train %d, val %d, test %d images -> %s",
-        metrics["train"]["images"],
-        metrics["val"]["images"],
-        metrics["test"]["images"],
+        "train %d images (%d tracks), val %d (%d tracks), test %d -> %s",
+        images["train"],
+        tracks["train"],
+        images["val"],
+        tracks["val"],
+        images["test"],
         args.out,
     )
 
@@ -44,30 +47,50 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from gtsrb.train import train
 
-    metrics = train(args.prepared, args.model, args.live, P.load("train", args.params))
-    log.info("val accuracy %.4f after %.0fs -> %s", metrics["val/acc"], metrics["seconds"], args.model)
+    metrics = train(
+        args.prepared, args.model, args.live, P.load("train", args.params), metrics_path=args.metrics
+    )
+    log.info(
+        "val accuracy %.4f (ROI), %.4f (whole image) after %.0fs -> %s",
+        metrics["val/accuracy/roi"],
+        metrics["val/accuracy/whole"],
+        metrics["seconds"],
+        args.model,
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from gtsrb.export import export
+
+    export(args.model, args.test, args.out, P.load("export", args.params))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from gtsrb.evaluate import evaluate
 
-    metrics_path = args.metrics or f"metrics/test-{args.backend}.json"
-    out_dir = args.out or f"metrics/test-{args.backend}"
-    evaluate(args.model, args.test, metrics_path, out_dir, args.backend, P.load("evaluate", args.params))
+    runtime = args.runtime
+    model = args.model or ("models/model.onnx" if runtime == "onnxruntime" else "models/model.pt")
+    metrics_path = args.metrics or f"metrics/test-{runtime}.json"
+    out_dir = args.out or f"metrics/test-{runtime}"
+    report_dir = args.report or f"reports/test-{runtime}"
+    params = P.load("evaluate", args.params)
+    evaluate(model, args.test, metrics_path, out_dir, report_dir, runtime, params)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from gtsrb.compare import compare
 
     result = compare(args.metrics_dir, args.report, P.load("compare", args.params))
-    for key, r in result["latency"].items():
-        log.info(
-            "%s: ACL speed-up %.2fx %s, latency %+.1f%%",
-            key,
-            r["speedup"],
-            r["speedup_ci95"],
-            r["latency_change_pct"],
-        )
+    for runtime, batches in result["detail"].items():
+        for key, r in batches.items():
+            log.info(
+                "%s %s: speed-up %.2fx %s, latency %+.1f%%",
+                runtime,
+                key,
+                r["speedup"],
+                r["speedup_ci95"],
+                r["latency_change_pct"],
+            )
     log.info("report: %s", args.report)
 
 
@@ -93,9 +116,12 @@ def positive_int(text: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from gtsrb.serve import Settings, serve
+    from gtsrb.serve.runtime import runtime_for
 
+    model, runtime = runtime_for(args.model, args.runtime)
     settings = Settings(
-        model=args.model,
+        model=model,
+        runtime=runtime,
         backend=args.backend,
         threads=args.threads,
         inference=args.inference,
@@ -139,21 +165,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare", cmd_prepare, "stage prepare: archives -> cropped, resized train/val/test arrays")
     p.add_argument("--raw", default="data/raw", help="archive folder (default: %(default)s)")
     p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
-    p.add_argument("--metrics", default="metrics/data.json", help="(default: %(default)s)")
+    p.add_argument(
+        "--report", default="reports/data", help="counts per split and class (default: %(default)s)"
+    )
 
     p = add("train", cmd_train, "stage train: prepared arrays -> models/model.pt (+ dvclive curves)")
     p.add_argument("--prepared", default="data/prepared", help="(default: %(default)s)")
     p.add_argument("--model", default="models/model.pt", help="(default: %(default)s)")
     p.add_argument("--live", default="metrics/train", help="dvclive folder (default: %(default)s)")
+    p.add_argument("--metrics", default="metrics/train.json", help="(default: %(default)s)")
 
-    from gtsrb.backends import BACKENDS
-
-    p = add("evaluate", cmd_evaluate, "stages test-openblas / test-acl: accuracy and latency on one backend")
-    p.add_argument("--backend", required=True, choices=BACKENDS)
+    p = add(
+        "export", cmd_export, "stage export: models/model.pt -> models/model.onnx, checked by ONNX Runtime"
+    )
     p.add_argument("--model", default="models/model.pt", help="(default: %(default)s)")
     p.add_argument("--test", default="data/prepared/test.npz", help="(default: %(default)s)")
+    p.add_argument("--out", default="models/model.onnx", help="(default: %(default)s)")
+
+    from gtsrb.runtimes import BACKENDS, RUNTIMES
+
+    p = add(
+        "evaluate",
+        cmd_evaluate,
+        "stages test-openblas / test-acl / test-onnxruntime: accuracy and latency on one runtime",
+    )
+    p.add_argument("--runtime", "--backend", required=True, choices=RUNTIMES, help="the runtime to measure")
+    p.add_argument(
+        "--model", help="default: models/model.onnx for onnxruntime, models/model.pt for the torch backends"
+    )
+    p.add_argument("--test", default="data/prepared/test.npz", help="(default: %(default)s)")
     p.add_argument("--metrics", help="metrics JSON (default: metrics/test-BACKEND.json)")
-    p.add_argument("--out", help="predictions, timings, profile (default: metrics/test-BACKEND/)")
+    p.add_argument("--out", help="details, predictions, timings, profile (default: metrics/test-BACKEND/)")
+    p.add_argument("--report", help="the errors page (default: reports/test-BACKEND/)")
 
     p = add("compare", cmd_compare, "stage compare: speed-up and agreement of the two backends")
     p.add_argument("--metrics-dir", default="metrics", help="(default: %(default)s)")
@@ -187,12 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p.add_argument(
         "--model",
-        default=os.environ.get("GTSRB_MODEL", "models/model.pt"),
-        help="checkpoint (default: $GTSRB_MODEL or %(default)s)",
+        default=os.environ.get("GTSRB_MODEL"),
+        help="model file (default: $GTSRB_MODEL, else models/model.onnx, or models/model.pt with --runtime torch)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "torch"),
+        default=os.environ.get("GTSRB_RUNTIME"),
+        help="what runs the model (default: $GTSRB_RUNTIME, else torch for a .pt model, else onnxruntime, "
+        "which measures faster here: README, Benchmarks)",
     )
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    p.add_argument("--backend", choices=BACKENDS, default="acl", help="(default: %(default)s)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="acl",
+        help="PyTorch backend, with --runtime torch (default: %(default)s)",
+    )
     p.add_argument(
         "--workers",
         type=positive_int,
@@ -204,13 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch threads, 0 = one per core (default: 1, which leaves the other cores to HTTP and decoding)",
+        help="model threads per worker, 0 = one per core (default: 1, which leaves the other cores to HTTP "
+        "and decoding)",
     )
     p.add_argument(
         "--inference",
         choices=("eager", "jit", "compile"),
         default="compile",
-        help="inference path; compile falls back to jit without a C++ compiler (default: %(default)s)",
+        help="PyTorch inference path, with --runtime torch; compile falls back to jit without a C++ compiler "
+        "(default: %(default)s)",
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default: 10)")
     p.add_argument("--max-batch", type=int, default=64, help="most images per /predict/batch (default: 64)")

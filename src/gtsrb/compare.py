@@ -1,11 +1,15 @@
-"""Stage compare: OpenBLAS against oneDNN+ACL, from the two test stages' outputs.
+"""Stage compare: every runtime the test stages measured, against the OpenBLAS baseline.
 
-For each batch size: the speed-up (OpenBLAS median / ACL median) with a bootstrap 95%
-confidence interval from the raw timings, and the latency change in percent of the OpenBLAS
-latency (negative: ACL is faster; the learning path divided by the wrong latency and printed
-54.69% for a 45.3% reduction). Both backends must predict the same classes: a share of
-disagreeing test images above ``compare.tolerance`` fails the stage. A comparison of runs
-from different machines is flagged.
+For each runtime and batch size: the speed-up (OpenBLAS median / the runtime's median) with a
+bootstrap 95% confidence interval from the raw timings, and the latency change in percent of
+the OpenBLAS latency (negative: faster; the learning path divided by the wrong latency and
+printed 54.69% for a 45.3% reduction). Every runtime must predict the same classes as the
+baseline, in both framings: a share of disagreeing test images above ``compare.tolerance``
+fails the stage. A comparison of runs from different machines is flagged.
+
+Reads ``metrics/test-<runtime>/`` (details.json, timings.json, predictions.csv); writes
+``metrics/compare.json`` (the speed-ups: headline figures) and ``reports/compare.md`` (the
+table the PR report shows, with the intervals, the agreement and what ran).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import numpy as np
 from gtsrb.errors import GtsrbError
 from gtsrb.fsutil import atomic_file, write_json
 from gtsrb.params import CompareParams
+from gtsrb.runtimes import LABELS, RUNTIMES
 
-BASE, NEW = "openblas", "acl"
 MACHINE_KEYS = ("host", "cpu", "arch", "cores")
+RUNTIME_ROWS = ("kernels", "conv_kernel", "inference_path", "torch", "blas", "threads", "cpu", "arch")
 
 
 def _read_json(path: Path) -> dict:
@@ -33,8 +38,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _predictions(path: Path) -> np.ndarray:
+    """[N, 2]: the predicted class of each test image, ROI crop and whole image."""
     try:
-        return np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)[:, 1]
+        return np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)[:, 1:3]
     except (OSError, ValueError, IndexError) as exc:
         raise GtsrbError(f"{path}: missing or unreadable predictions ({exc})".splitlines()[0]) from None
 
@@ -55,73 +61,106 @@ def bootstrap_speedup(base: list[float], new: list[float], n: int, seed: int) ->
     return round(float(lo), 4), round(float(hi), 4)
 
 
-def compare(metrics_dir: str | Path, report_path: str | Path, p: CompareParams) -> dict:
+def compare(
+    metrics_dir: str | Path, report_path: str | Path, p: CompareParams, runtimes: tuple[str, ...] = RUNTIMES
+) -> dict:
+    """Compare ``runtimes`` (the first is the baseline); write compare.json and the report."""
     metrics_dir = Path(metrics_dir)
-    runs = {b: _read_json(metrics_dir / f"test-{b}.json") for b in (BASE, NEW)}
-    timings = {b: _read_json(metrics_dir / f"test-{b}" / "timings.json") for b in (BASE, NEW)}
-    preds = {b: _predictions(metrics_dir / f"test-{b}" / "predictions.csv") for b in (BASE, NEW)}
-    if len(preds[BASE]) != len(preds[NEW]):
-        raise GtsrbError(f"the test stages saw {len(preds[BASE])} and {len(preds[NEW])} images: re-run both")
-    disagreement = float(np.mean(preds[BASE] != preds[NEW])) if len(preds[BASE]) else 0.0
-    accuracy_diff = runs[NEW]["accuracy"] - runs[BASE]["accuracy"]
-    if disagreement > p.tolerance:
-        raise GtsrbError(
-            f"the backends disagree on {disagreement:.2%} of the test images (compare.tolerance "
-            f"{p.tolerance:.2%}); accuracy {runs[BASE]['accuracy']:.4f} ({BASE}) vs "
-            f"{runs[NEW]['accuracy']:.4f} ({NEW})"
-        )
-    machine = {b: {k: runs[b]["runtime"].get(k) for k in MACHINE_KEYS} for b in (BASE, NEW)}
-    result: dict = {
-        "accuracy_diff": round(accuracy_diff, 6),
-        "prediction_disagreement": round(disagreement, 6),
-        "same_machine": machine[BASE] == machine[NEW],
-        "latency": {},
-    }
-    for key in runs[BASE]["latency"]:
-        if key not in runs[NEW]["latency"]:
-            continue
-        base_ms, new_ms = runs[BASE]["latency"][key]["median_ms"], runs[NEW]["latency"][key]["median_ms"]
-        result["latency"][key] = {
-            f"{BASE}_median_ms": base_ms,
-            f"{NEW}_median_ms": new_ms,
-            "speedup": round(base_ms / new_ms, 4),
-            "speedup_ci95": list(
-                bootstrap_speedup(timings[BASE][key], timings[NEW][key], p.bootstrap, p.seed)
-            ),
-            "latency_change_pct": round(latency_change_pct(base_ms, new_ms), 2),
-        }
+    base, others = runtimes[0], runtimes[1:]
+    runs = {r: _read_json(metrics_dir / f"test-{r}" / "details.json") for r in runtimes}
+    timings = {r: _read_json(metrics_dir / f"test-{r}" / "timings.json") for r in runtimes}
+    preds = {r: _predictions(metrics_dir / f"test-{r}" / "predictions.csv") for r in runtimes}
+    disagreement = {}
+    for r in others:
+        if preds[r].shape != preds[base].shape:
+            raise GtsrbError(
+                f"test-{base} and test-{r} saw {len(preds[base])} and {len(preds[r])} images: re-run both"
+            )
+        share = float(np.mean(np.any(preds[r] != preds[base], axis=1))) if len(preds[base]) else 0.0
+        if share > p.tolerance:
+            raise GtsrbError(
+                f"{r} and {base} disagree on {share:.2%} of the test images (compare.tolerance "
+                f"{p.tolerance:.2%}); accuracy {runs[base]['accuracy']} ({base}) vs "
+                f"{runs[r]['accuracy']} ({r})"
+            )
+        disagreement[r] = share
+    machine = {r: {k: runs[r]["runtime"].get(k) for k in MACHINE_KEYS} for r in runtimes}
+    detail: dict = {r: {} for r in others}
+    for r in others:
+        for key, base_latency in runs[base]["latency"].items():
+            if key not in runs[r]["latency"]:
+                continue
+            base_ms, new_ms = base_latency["median_ms"], runs[r]["latency"][key]["median_ms"]
+            detail[r][key] = {
+                "base_median_ms": base_ms,
+                "median_ms": new_ms,
+                "speedup": round(base_ms / new_ms, 4),
+                "speedup_ci95": bootstrap_speedup(timings[base][key], timings[r][key], p.bootstrap, p.seed),
+                "latency_change_pct": round(latency_change_pct(base_ms, new_ms), 2),
+            }
+    result = {"speedup": {r: {k: d["speedup"] for k, d in detail[r].items()} for r in others}}
+    same_machine = all(machine[r] == machine[base] for r in others)
     with atomic_file(report_path) as tmp:
-        tmp.write_text(report(result, runs, machine))
+        tmp.write_text(report(detail, runs, machine, disagreement, same_machine, runtimes))
     write_json(metrics_dir / "compare.json", result)
-    return result
+    return {**result, "detail": detail, "disagreement": disagreement, "same_machine": same_machine}
 
 
-def report(result: dict, runs: dict, machine: dict) -> str:
-    lines = ["# OpenBLAS vs oneDNN + ACL", ""]
-    if not result["same_machine"]:
+def report(
+    detail: dict,
+    runs: dict,
+    machine: dict,
+    disagreement: dict[str, float],
+    same_machine: bool,
+    runtimes: tuple[str, ...],
+) -> str:
+    base = runtimes[0]
+    name = {r: LABELS.get(r, r) for r in runtimes}
+    lines = [f"# {' vs '.join(name.values())}", ""]
+    if not same_machine:
         lines += [
-            "> **Warning: the two test stages ran on different machines** "
-            f"({machine[BASE]} vs {machine[NEW]}); the speed-ups compare machines, not backends.",
+            "> **Warning: the test stages ran on different machines** "
+            f"({'; '.join(f'{r}: {machine[r]}' for r in runtimes)}); the speed-ups compare machines, "
+            "not runtimes.",
             "",
         ]
     lines += [
-        "| batch | OpenBLAS median (ms) | ACL median (ms) | speed-up | 95% CI | latency change |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"Speed-up over {name[base]} (its median latency / the runtime's), with the bootstrap 95% interval:",
+        "",
+        "| batch | "
+        + " | ".join(f"{name[r]} median (ms)" for r in runtimes)
+        + " | "
+        + " | ".join(f"{name[r]} speed-up (95% CI)" for r in runtimes[1:])
+        + " |",
+        "|---:|" + "---:|" * (2 * len(runtimes) - 1),
     ]
-    for key, r in result["latency"].items():
-        lo, hi = r["speedup_ci95"]
-        lines.append(
-            f"| {key.removeprefix('batch_')} | {r[f'{BASE}_median_ms']:.3f} | {r[f'{NEW}_median_ms']:.3f} "
-            f"| {r['speedup']:.2f}x | {lo:.2f}-{hi:.2f}x | {r['latency_change_pct']:+.1f}% |"
-        )
+    for key in runs[base]["latency"]:
+        cells = [
+            f"{runs[r]['latency'][key]['median_ms']:.3f}" if key in runs[r]["latency"] else "-"
+            for r in runtimes
+        ]
+        for r in runtimes[1:]:
+            d = detail[r].get(key)
+            cells.append(
+                f"{d['speedup']:.2f}x ({d['speedup_ci95'][0]:.2f}-{d['speedup_ci95'][1]:.2f}x)" if d else "-"
+            )
+        lines.append(f"| {key.removeprefix('batch_')} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Accuracy: {runs[BASE]['accuracy']:.4f} (OpenBLAS), {runs[NEW]['accuracy']:.4f} (ACL); "
-        f"predictions differ on {result['prediction_disagreement']:.2%} of the test images.",
-        "",
-        "| | OpenBLAS stage | ACL stage |",
-        "|---|---|---|",
+        "| | " + " | ".join(name.values()) + " |",
+        "|---|" + "---|" * len(runtimes),
+        "| accuracy, ROI crop | " + " | ".join(f"{runs[r]['accuracy']['roi']:.4f}" for r in runtimes) + " |",
+        "| accuracy, whole image | "
+        + " | ".join(f"{runs[r]['accuracy']['whole']:.4f}" for r in runtimes)
+        + " |",
+        "| predictions differing from "
+        + name[base]
+        + " | - | "
+        + " | ".join(f"{disagreement[r]:.2%}" for r in runtimes[1:])
+        + " |",
     ]
-    for key in ("kernels", "conv_kernel", "inference_path", "torch", "blas", "threads", "cpu", "arch"):
-        lines.append(f"| {key} | {runs[BASE]['runtime'].get(key)} | {runs[NEW]['runtime'].get(key)} |")
+    for key in RUNTIME_ROWS:
+        lines.append(
+            f"| {key} | " + " | ".join(str(runs[r]["runtime"].get(key, "-")) for r in runtimes) + " |"
+        )
     return "\n".join(lines) + "\n"

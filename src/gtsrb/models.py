@@ -142,6 +142,30 @@ ARCHS: dict[str, type[nn.Module]] = {
 }
 
 
+def macs(model: nn.Module, image_size: int = 32) -> int:
+    """Multiply-adds of one ``image_size`` x ``image_size`` image through ``model``'s
+    convolutions and linear layers (batch norm, pooling and activations left out, as papers
+    count them): the learning path's network costs 4.2 M at 32 px."""
+    total = 0
+
+    def count(module: nn.Module, _: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += out[0].numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
 def build(arch: str, image_size: int = 32, dropout: float = 0.0) -> nn.Module:
     if arch not in ARCHS:
         raise GtsrbError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")

@@ -2,8 +2,12 @@
 
 Releases follow GTO's git-tag convention for the ``traffic-sign-net`` artifact declared in
 dvc.yaml: ``traffic-sign-net@v1.2.0`` registers a version, ``traffic-sign-net#prod#N`` assigns
-a stage. A checkpoint is matched to its version by content: the md5 that ``dvc.lock``
-recorded for ``models/model.pt`` at the tagged commit.
+a stage. A model file is matched to its version by content: the md5 that ``dvc.lock``
+recorded for it (``models/model.pt`` or its export ``models/model.onnx``) at the tagged commit.
+The ONNX file is the declared artifact ``traffic-sign-net-onnx``, released with the same
+version as the checkpoint (README, Get a model version).
+
+No torch at import: the server that runs ONNX Runtime shows its model card too.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from typing import Any
 
 import yaml
 
-from gtsrb import models
 from gtsrb.errors import GtsrbError
 from gtsrb.fsutil import md5sum
+from gtsrb.runtimes import RUNTIMES
 
 ARTIFACT = "traffic-sign-net"
-MODEL_PATH = "models/model.pt"
+MODEL_PATH, ONNX_PATH = "models/model.pt", "models/model.onnx"
 VERSION_TAG = re.compile(rf"^{re.escape(ARTIFACT)}@(v\d+\.\d+\.\d+)$")
 STAGE_TAG = re.compile(rf"^{re.escape(ARTIFACT)}#([\w-]+)#(\d+)$")
 
@@ -95,26 +99,41 @@ def get_model(url: str, out: str | Path, version: str | None = None, stage: str 
     return version
 
 
-def _lock_md5(lock_text: str | None) -> str | None:
+def _lock_md5(lock_text: str | None, path: str = MODEL_PATH) -> str | None:
+    """The md5 a dvc.lock recorded for the output ``path``."""
     if not lock_text:
         return None
     lock = yaml.safe_load(lock_text) or {}
-    for out in lock.get("stages", {}).get("train", {}).get("outs", []):
-        if out.get("path") == MODEL_PATH:
-            return out.get("md5")
+    for stage in lock.get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == path:
+                return out.get("md5")
     return None
+
+
+def _load(model_path: Path) -> dict[str, Any]:
+    """The checkpoint fields of a model file: models.py's checkpoint, or an ONNX export's metadata."""
+    if model_path.suffix == ".onnx":
+        from gtsrb import onnx_model
+
+        return onnx_model.read(model_path).checkpoint()
+    from gtsrb import models
+
+    return models.load_checkpoint(model_path)[1]
 
 
 def card(
     model_path: str | Path, repo: str | Path = ".", verify: bool = True, ckpt: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """What a checkpoint is: arch, version, training data and params, test metrics, md5.
+    """What a model file is (a checkpoint or its ONNX export): arch, version, training data and
+    params, test metrics, md5.
 
-    ``ckpt``: the checkpoint already loaded from ``model_path`` (saves loading it twice).
+    ``ckpt``: the checkpoint fields already loaded from ``model_path`` (saves loading it twice).
     """
     model_path, repo = Path(model_path), Path(repo)
     if ckpt is None:
-        _, ckpt = models.load_checkpoint(model_path)
+        ckpt = _load(model_path)
+    lock_path = ONNX_PATH if model_path.suffix == ".onnx" else MODEL_PATH
     md5 = md5sum(model_path)
     info: dict[str, Any] = {
         "path": str(model_path),
@@ -131,42 +150,58 @@ def card(
         "test": {},
     }
     in_git = _git(repo, "rev-parse", "--git-dir") is not None
-    lock_md5 = _lock_md5((repo / "dvc.lock").read_text()) if (repo / "dvc.lock").is_file() else None
+    lock_md5 = (
+        _lock_md5((repo / "dvc.lock").read_text(), lock_path) if (repo / "dvc.lock").is_file() else None
+    )
     info["dvc_lock_md5"] = lock_md5
-    if verify and lock_md5 and model_path.resolve() == (repo / MODEL_PATH).resolve() and lock_md5 != md5:
+    if verify and lock_md5 and model_path.resolve() == (repo / lock_path).resolve() and lock_md5 != md5:
         raise GtsrbError(
             f"{model_path}: md5 {md5} does not match dvc.lock ({lock_md5}): this is not the model this "
-            f"commit recorded; run `dvc pull {MODEL_PATH}` (or `dvc checkout {MODEL_PATH}`)"
+            f"commit recorded; run `dvc pull {lock_path}` (or `dvc checkout {lock_path}`)"
         )
+    ours = {md5, ckpt.get("checkpoint_md5")}  # an export's test metrics, and its checkpoint's
     if in_git:
         tags = remote_tags(str(repo))
         matching = [
-            v for v in versions(tags) if _lock_md5(_git(repo, "show", f"{ARTIFACT}@{v}:dvc.lock")) == md5
+            v
+            for v in versions(tags)
+            if _lock_md5(_git(repo, "show", f"{ARTIFACT}@{v}:dvc.lock"), lock_path) == md5
         ]
         if matching:
             info["version"] = matching[-1]
             info["stages"] = sorted(s for s, v in stages(tags).items() if v == info["version"])
-            for backend in ("openblas", "acl"):
-                text = _git(repo, "show", f"{ARTIFACT}@{info['version']}:metrics/test-{backend}.json")
+            for runtime in RUNTIMES:
+                text = _git(repo, "show", f"{ARTIFACT}@{info['version']}:{_details(runtime)}")
                 if text:
-                    info["test"][backend] = _test_summary(json.loads(text))
-    for backend in ("openblas", "acl"):
-        path = repo / "metrics" / f"test-{backend}.json"
-        if backend not in info["test"] and path.is_file():
-            metrics = json.loads(path.read_text())
-            if metrics.get("model_md5") == md5:
-                info["test"][backend] = _test_summary(metrics)
+                    info["test"][runtime] = _test_summary(json.loads(text))
+    for runtime in RUNTIMES:
+        path = repo / _details(runtime)
+        if runtime not in info["test"] and path.is_file():
+            details = json.loads(path.read_text())
+            if details.get("model_md5") in ours:
+                info["test"][runtime] = _test_summary(details)
     return info
 
 
-def _test_summary(metrics: dict) -> dict:
-    latency = {k: v["median_ms"] for k, v in metrics.get("latency", {}).items()}
+def _details(runtime: str) -> str:
+    return f"metrics/test-{runtime}/details.json"
+
+
+def _test_summary(details: dict) -> dict:
+    latency = {k: v["median_ms"] for k, v in details.get("latency", {}).items()}
     return {
-        "accuracy": metrics.get("accuracy"),
-        "macro_f1": metrics.get("macro_f1"),
+        "accuracy": details.get("accuracy"),
+        "macro_f1": details.get("macro_f1"),
         "median_ms": latency,
-        "inference_path": metrics.get("runtime", {}).get("inference_path"),
+        "inference_path": details.get("runtime", {}).get("inference_path"),
     }
+
+
+def _framings(value: Any) -> str:
+    """``{"roi": a, "whole": b}`` as "a (ROI crop), b (whole image)"; anything else as it is."""
+    if isinstance(value, dict) and set(value) == {"roi", "whole"}:
+        return f"{value['roi']} (ROI crop), {value['whole']} (whole image)"
+    return str(value)
 
 
 def render(info: dict[str, Any]) -> str:
@@ -177,7 +212,7 @@ def render(info: dict[str, Any]) -> str:
         + (", matches dvc.lock)" if info["dvc_lock_md5"] == info["md5"] else ")"),
         f"- arch: {info['arch']}, {info['image_size']}x{info['image_size']} RGB input, {info['classes']} classes",
         f"- stages: {', '.join(info['stages']) or 'none'}",
-        f"- trained with torch {info['torch_version']}; validation accuracy {info['val_accuracy']}",
+        f"- trained with torch {info['torch_version']}; validation accuracy {_framings(info['val_accuracy'])}",
     ]
     if info["data"]:
         lines.append("- data: " + ", ".join(f"{k} {v}" for k, v in sorted(info["data"].items())))
@@ -186,7 +221,7 @@ def render(info: dict[str, Any]) -> str:
     for backend, t in info["test"].items():
         latency = ", ".join(f"{k} {v} ms" for k, v in t["median_ms"].items())
         lines.append(
-            f"- test ({backend}): accuracy {t['accuracy']}, macro F1 {t['macro_f1']}, "
+            f"- test ({backend}): accuracy {_framings(t['accuracy'])}, macro F1 {_framings(t['macro_f1'])}, "
             f"median latency {latency} ({t['inference_path']})"
         )
     if not info["test"]:

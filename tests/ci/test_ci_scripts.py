@@ -13,10 +13,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from gtsrb import ci
+from gtsrb import ci, error_report
 from tests.conftest import ROOT, run, use_remote, write_params
 from tests.pipeline.test_remote import tiny
 
@@ -107,33 +108,43 @@ def write_metrics(repo: Path, accuracy: float, lr: float, curves: list[float] | 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["lr"] = lr
     write_params(repo / "params.yaml", params)
-    (m / "data.json").write_text(json.dumps({"test": {"images": 12630}, "train": {"images": 33000}}))
     for backend in ("openblas", "acl"):
         (m / f"test-{backend}.json").write_text(
             json.dumps(
                 {
-                    "accuracy": accuracy,
+                    "accuracy": {"roi": accuracy, "whole": accuracy - 0.02},
                     "macro_f1": accuracy - 0.01,
-                    "per_class_accuracy": {"0": accuracy, "1": 1.0},
                     "latency": {"batch_64": {"median_ms": latency, "p99_ms": latency * 1.2}},
+                    "images_per_s": round(64 / latency * 1000, 1),
                 }
             )
         )
-    (m / "compare.json").write_text(json.dumps({"latency": {"batch_64": {"speedup": 1.8}}}))
+    (m / "compare.json").write_text(json.dumps({"speedup": {"acl": {"batch_64": 1.8}}}))
     if curves:
-        for split, name in (("val", "acc"), ("train", "loss")):
-            folder = m / "train" / "plots" / "metrics" / split
-            folder.mkdir(parents=True, exist_ok=True)
-            values = curves if name == "acc" else [round(1 - v, 4) for v in curves]
+        for name, values in (
+            ("val/accuracy/whole", curves),
+            ("train/loss", [round(1 - v, 4) for v in curves]),
+        ):
+            tsv = m / "train" / "plots" / "metrics" / f"{name}.tsv"
+            tsv.parent.mkdir(parents=True, exist_ok=True)
             rows = "".join(f"{i}\t{v}\n" for i, v in enumerate(values))
-            (folder / f"{name}.tsv").write_text(f"step\t{name}\n{rows}")
-        (m / "train" / "metrics.json").write_text(
-            json.dumps({"val": {"acc": curves[-1]}, "step": len(curves) - 1})
-        )
+            tsv.write_text(f"step\t{name.rsplit('/', 1)[1]}\n{rows}")
+        (m / "train.json").write_text(json.dumps({"val": {"accuracy": {"whole": curves[-1]}}}))
     (repo / "reports").mkdir(exist_ok=True)
     (repo / "reports" / "compare.md").write_text(
         "# OpenBLAS vs oneDNN + ACL\n\n| batch | speed-up |\n|---:|---:|\n| 64 | 1.80x |\n"
     )
+    # the baseline test stage's errors page, as error_report writes it: 2 of 4 wrong whole
+    labels = np.array([14, 13, 1, 2])
+    test = {
+        "labels": labels,
+        "whole": np.zeros((4, 8, 8, 3), np.uint8),
+        "boxes": np.tile(np.array([0.1, 0.1, 0.9, 0.9], np.float32), (4, 1)),
+    }
+    predicted = {"roi": np.array([14, 13, 1, 5]), "whole": np.array([13, 13, 2, 5])}
+    folder = repo / "reports" / "test-openblas"
+    folder.mkdir(parents=True, exist_ok=True)
+    error_report.write(folder, "test-openblas", test, predicted, {"roi": 0.75, "whole": 0.25})
 
 
 def commit(repo, message):
@@ -179,7 +190,9 @@ def test_report_script_posts_once_and_job_summary_gets_it(dvc_repo, github, tmp_
     for _ in range(2):
         run(["bash", ".ci/gha/report.sh"], clone, env=env)
     assert len(github.comments) == 1 and github.comments[0]["body"].startswith(ci.MARKER)
-    assert re.search(r"\| metrics/test-acl.json +\| accuracy +\| 0.91 +\| 0.97 ", github.comments[0]["body"])
+    assert re.search(
+        r"\| metrics/test-acl.json +\| accuracy.roi +\| 0.91 +\| 0.97 ", github.comments[0]["body"]
+    )
     assert summary.read_text().count(ci.MARKER) == 2
     # A fork: no token, the report goes to the job summary only.
     env.pop("GITHUB_TOKEN")
@@ -198,14 +211,14 @@ def test_commit_back_pushes_lock_and_metrics_to_the_pr_branch(dvc_repo, tmp_path
     run(["git", "push", "-q", "origin", "feature"], clone)
     (clone / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     (clone / "metrics").mkdir(exist_ok=True)
-    (clone / "metrics" / "data.json").write_text("{}\n")
+    (clone / "metrics" / "train.json").write_text("{}\n")
     (clone / "reports").mkdir(exist_ok=True)
     env = {**os.environ, "HEAD_REF": "feature", "GITHUB_TOKEN": "test-token"}
     run(["bash", ".ci/gha/commit-back.sh"], clone, env=env)
     log = run(["git", "log", "-1", "--format=%s", "feature"], origin).stdout
     assert "[skip ci]" in log and "dvc.lock and metrics" in log
     files = run(["git", "show", "--name-only", "--format=", "feature"], origin).stdout.split()
-    assert sorted(files) == ["dvc.lock", "metrics/data.json"]
+    assert sorted(files) == ["dvc.lock", "metrics/train.json"]
     again = run(["bash", ".ci/gha/commit-back.sh"], clone, env=env)
     assert "nothing to commit" in again.stdout
 

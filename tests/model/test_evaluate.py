@@ -1,16 +1,20 @@
 """The test stages' command: metrics, raw outputs, and clear errors."""
 
+import csv
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from gtsrb import backends, models
 from gtsrb.cli import main
 from gtsrb.errors import GtsrbError
 from gtsrb.evaluate import evaluate, scores
+from gtsrb.fsutil import md5sum
 from gtsrb.params import EvaluateParams
+from tests.conftest import write_split
 
 PARAMS = EvaluateParams(inference="eager", batch_sizes=(1, 8), min_run_time=0.05, warmup=1, threads=1)
 
@@ -23,12 +27,12 @@ def project(tmp_path, monkeypatch):
         models.build("traffic_sign_net"), "traffic_sign_net", 32, [0.5] * 3, [0.25] * 3, {}
     )
     torch.save(ckpt, tmp_path / "models" / "model.pt")
-    (tmp_path / "data" / "prepared").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    np.savez(
+    write_split(
         tmp_path / "data/prepared/test.npz",
-        images=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
-        labels=rng.integers(0, 43, 20),
+        rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 43, 20),
+        whole=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
     )
     yield tmp_path
     torch.backends.mkldnn.enabled = True
@@ -40,20 +44,38 @@ def run(backend="openblas", params=PARAMS):
         "data/prepared/test.npz",
         f"metrics/test-{backend}.json",
         f"metrics/test-{backend}",
+        f"reports/test-{backend}",
         backend,
         params,
     )
 
 
-def test_writes_metrics_predictions_timings_and_profile(project):
+def test_writes_headline_metrics_details_predictions_timings_and_profile(project):
     metrics = run()
     assert json.loads((project / "metrics/test-openblas.json").read_text()) == metrics
-    preds = (project / "metrics/test-openblas/predictions.csv").read_text().splitlines()
-    assert preds[0] == "actual,predicted" and len(preds) == 21
+    assert set(metrics) == {"accuracy", "macro_f1", "latency", "images_per_s"}
+    assert set(metrics["accuracy"]) == {"roi", "whole"}
+    assert all(set(v) == {"median_ms", "p99_ms"} for v in metrics["latency"].values())
+    details = json.loads((project / "metrics/test-openblas/details.json").read_text())
+    assert details["accuracy"] == metrics["accuracy"] and details["images"] == 20
+    assert set(details["per_class_accuracy"]) == {"roi", "whole"}
+    assert details["latency"]["batch_8"]["images_per_s"] == metrics["images_per_s"]
+    rows = list(csv.DictReader((project / "metrics/test-openblas/predictions.csv").open()))
+    assert list(rows[0]) == ["actual", "predicted", "predicted_whole"] and len(rows) == 20
+    test = np.load(project / "data/prepared/test.npz")
+    model, ckpt = models.load_checkpoint("models/model.pt")
+    for framing, column in (("images", "predicted"), ("whole", "predicted_whole")):
+        with torch.inference_mode():
+            expected = model(models.preprocess(torch.from_numpy(test[framing]), ckpt)).argmax(1).tolist()
+        assert [int(r[column]) for r in rows] == expected
     timings = json.loads((project / "metrics/test-openblas/timings.json").read_text())
-    assert len(timings["batch_8"]) == metrics["latency"]["batch_8"]["runs"]
+    assert len(timings["batch_8"]) == details["latency"]["batch_8"]["runs"]
     assert metrics["latency"]["batch_1"]["p99_ms"] >= metrics["latency"]["batch_1"]["median_ms"] > 0
     assert "aten::" in (project / "metrics/test-openblas/profile.txt").read_text()
+    page = (project / "reports/test-openblas/errors.md").read_text()
+    assert "## Most confused classes, whole" in page and "![misclassified test images](errors.png)" in page
+    with Image.open(project / "reports/test-openblas/errors.png") as grid:
+        assert grid.format == "PNG" and grid.width > 0
 
 
 def test_scores():
@@ -82,14 +104,45 @@ def test_acl_on_a_torch_without_onednn(project, monkeypatch):
 def test_missing_or_mismatched_data(project):
     run()
     before = (project / "metrics/test-openblas.json").read_bytes()
-    np.savez(
-        project / "data/prepared/test.npz",
-        images=np.zeros((2, 48, 48, 3), np.uint8),
-        labels=np.zeros(2, np.int64),
-    )
+    write_split(project / "data/prepared/test.npz", np.zeros((2, 48, 48, 3), np.uint8), np.zeros(2))
     with pytest.raises(GtsrbError, match=r"holds 48 px images but models/model\.pt was trained on 32 px"):
         run()
     (project / "data/prepared/test.npz").unlink()
     with pytest.raises(GtsrbError, match=r"test\.npz: not found; run `dvc repro prepare`"):
         run()
     assert (project / "metrics/test-openblas.json").read_bytes() == before
+
+
+def test_onnxruntime_is_measured_by_the_same_harness(project):
+    """The export on ONNX Runtime: the same outputs, the same predictions as the torch stage, and
+    what ran named (version, provider, graph optimisation, threads, the convolution operator)."""
+    from gtsrb.export import export
+    from gtsrb.params import ExportParams
+
+    export("models/model.pt", "data/prepared/test.npz", "models/model.onnx", ExportParams(17, 0.0))
+    torch_metrics = run("openblas")
+    metrics = evaluate(
+        "models/model.onnx",
+        "data/prepared/test.npz",
+        "metrics/test-onnxruntime.json",
+        "metrics/test-onnxruntime",
+        "reports/test-onnxruntime",
+        "onnxruntime",
+        PARAMS,
+    )
+    assert metrics["accuracy"] == torch_metrics["accuracy"] and set(metrics["latency"]) == {
+        "batch_1",
+        "batch_8",
+    }
+    preds = {
+        r: (project / f"metrics/test-{r}/predictions.csv").read_text() for r in ("openblas", "onnxruntime")
+    }
+    assert preds["openblas"] == preds["onnxruntime"]
+    details = json.loads((project / "metrics/test-onnxruntime/details.json").read_text())
+    runtime = details["runtime"]
+    assert runtime["backend"] == "onnxruntime" and runtime["execution_provider"] == "CPUExecutionProvider"
+    assert runtime["graph_optimization"] == "all" and runtime["threads"] == 1 and runtime["onnxruntime"]
+    assert "Conv" in runtime["conv_kernel"] and details["model_md5"] == md5sum("models/model.onnx")
+    profile = (project / "metrics/test-onnxruntime/profile.txt").read_text()
+    assert runtime["conv_kernel"] in profile and ("Gemm" in profile or "MatMul" in profile)
+    assert (project / "reports/test-onnxruntime/errors.png").is_file()

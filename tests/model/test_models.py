@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from gtsrb import models
+from gtsrb import params as P
 from gtsrb.errors import GtsrbError
+from tests.conftest import ROOT
 
 
 def test_traffic_sign_net_is_the_learning_paths_network():
@@ -113,3 +115,12 @@ def test_not_a_checkpoint(tmp_path):
         models.load_checkpoint(path)
     with pytest.raises(GtsrbError, match="model not found; run `dvc repro train`"):
         models.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_multiply_adds_of_each_arch():
+    """The learning path's net, counted by hand: conv1 30x30x32 outputs of 27 MACs, conv2 13x13x64
+    of 288, fc1 2304x128, fc2 128x43. The default must cost no more (issue: at most 4.2 MMAC)."""
+    by_hand = 30 * 30 * 32 * 27 + 13 * 13 * 64 * 288 + 2304 * 128 + 128 * 43
+    assert models.macs(models.build("traffic_sign_net")) == by_hand == 4_193_024
+    default = P.load("train", ROOT / "params.yaml").arch
+    assert models.macs(models.build(default)) <= by_hand

@@ -78,8 +78,8 @@ def test_split_jobs_restore_upstream_stages_instead_of_rerunning(remote_repo, tm
         assert f"Pulling data for stage: '{stage}'" in out2, out2
     assert "Running stage 'test-openblas'" in out2
     assert md5sum(job2 / "models/model.pt") == md5sum(job1 / "models/model.pt")
-    report = json.loads((job2 / "metrics/test-openblas.json").read_text())
-    assert report["model_md5"] == md5sum(job1 / "models/model.pt")
+    details = json.loads((job2 / "metrics/test-openblas/details.json").read_text())
+    assert details["model_md5"] == md5sum(job1 / "models/model.pt")
 
 
 def register(repo, version, stage=None):
