@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gtsrb import models
+from gtsrb import export, models, onnx_model
 from gtsrb.errors import GtsrbError
+from gtsrb.fsutil import md5sum
 from gtsrb.serve import wait_ready
 from tests.conftest import stop_process
 
@@ -35,6 +36,16 @@ def make_checkpoint(path: Path, arch: str = "traffic_sign_net", seed: int = 0) -
     return path
 
 
+def make_onnx(path: Path, checkpoint: Path | None = None, **kwargs) -> Path:
+    """The ONNX export of ``checkpoint`` (default: a fresh ``make_checkpoint(**kwargs)`` beside
+    it), as the export stage writes it (parity is the export stage's own test)."""
+    checkpoint = checkpoint or make_checkpoint(path.with_suffix(".pt"), **kwargs)
+    model, ckpt = models.load_checkpoint(checkpoint)
+    path.write_bytes(export.to_onnx(model, ckpt["image_size"], 17))
+    onnx_model.stamp(path, onnx_model.metadata(ckpt, md5sum(checkpoint), 17))
+    return path
+
+
 def png(size=(40, 36), color=(200, 20, 30), fmt="PNG") -> bytes:
     rng = np.random.default_rng(sum(color))
     pixels = (rng.integers(0, 40, (size[1], size[0], 3)) + np.array(color)).clip(0, 255).astype(np.uint8)
@@ -50,6 +61,7 @@ def serve_command(model: Path, port: int, *args: str) -> list[str]:
 
 class Server:
     def __init__(self, model: Path, *args: str):
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = serve_command(model, self.port, *args)
@@ -72,9 +84,13 @@ class Server:
         stop_process(self.proc)
 
 
+SMALL_LIMITS = ("--max-upload-mb", "1", "--max-batch", "4", "--threads", "1")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    model = make_checkpoint(tmp_path_factory.mktemp("serve") / "models" / "model.pt")
-    s = Server(model, "--max-upload-mb", "1", "--max-batch", "4", "--threads", "1").wait_ready()
+    """The server as deployed: the ONNX export on ONNX Runtime (the default runtime)."""
+    model = make_onnx(tmp_path_factory.mktemp("serve") / "models" / "model.onnx")
+    s = Server(model, *SMALL_LIMITS).wait_ready()
     yield s
     s.stop()

@@ -16,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from gtsrb import onnx_model
 from gtsrb.cli import main
 from gtsrb.serve.front import RECONNECT_SECONDS, Reconnects
 from gtsrb.serve.uploads import BadImage, decode
 from tests import archives
 from tests.conftest import set_key, write_params
-from tests.serve.conftest import Server, free_port, make_checkpoint, png, serve_command
+from tests.serve.conftest import Server, free_port, make_checkpoint, make_onnx, png, serve_command
 
 
 def post(server, data: bytes, name="sign.png", path="/predict", **params):
@@ -60,7 +61,8 @@ def test_health_ready_model_docs_and_demo(server):
     assert httpx.get(server.url + "/ready").json() == {"ready": True, "model_version": "v0.0.0-test"}
     card = httpx.get(server.url + "/model").json()
     assert card["arch"] == "traffic_sign_net" and len(card["md5"]) == 32 and card["version"] == "v0.0.0-test"
-    assert card["runtime"]["backend"] == "acl" and card["runtime"]["threads"] == 1
+    assert card["runtime"]["runtime"] == "onnxruntime" and card["runtime"]["threads"] == 1
+    assert card["runtime"]["execution_provider"] == "CPUExecutionProvider"
     schema = httpx.get(server.url + "/openapi.json").json()
     assert {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics"} <= set(schema["paths"])
     query = {p["name"]: p["schema"] for p in schema["paths"]["/predict"]["post"]["parameters"]}
@@ -171,11 +173,40 @@ def test_the_upload_endpoints_answer_what_fastapi_answered_in_front_of_it(server
     assert 'gtsrb_errors_total{endpoint="/predict/batch",status="400"}' in text
 
 
-def test_a_broken_model_is_a_500_with_the_reason_logged_and_the_server_goes_on(tmp_path):
+def test_both_runtimes_serve_the_same_classes(tmp_path):
+    """A checkpoint on torch and its export on ONNX Runtime: the same class for every image, the
+    same top-k order, probabilities equal to their printed precision but for rounding."""
+    checkpoint = make_checkpoint(tmp_path / "model.pt", "fast_sign_net")
+    servers = {
+        "torch": Server(checkpoint, "--runtime", "torch", "--inference", "eager"),
+        "onnxruntime": Server(make_onnx(tmp_path / "model.onnx", checkpoint)),
+    }
+    try:
+        images = [png(color=(c, 255 - c, (7 * c) % 256)) for c in range(0, 256, 16)]
+        answers = {}
+        for name, server in servers.items():
+            server.wait_ready()
+            assert httpx.get(server.url + "/model").json()["runtime"]["runtime"] == name
+            files = [("files", (f"{i}.png", d)) for i, d in enumerate(images)]
+            r = httpx.post(server.url + "/predict/batch", files=files, params={"top_k": 3}, timeout=30)
+            assert r.status_code == 200, r.text
+            answers[name] = r.json()["results"]
+    finally:
+        for server in servers.values():
+            server.stop()
+    for ours, theirs in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        assert [e["class_id"] for e in ours["top_k"]] == [e["class_id"] for e in theirs["top_k"]]
+        assert ours["probability"] == pytest.approx(theirs["probability"], abs=2e-6)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_a_broken_model_is_a_500_with_the_reason_logged_and_the_server_goes_on(tmp_path, runtime):
     model = make_checkpoint(tmp_path / "model.pt")
     ckpt = torch.load(model, weights_only=True)
     ckpt["state_dict"]["fc2.bias"][0] = float("nan")
     torch.save(ckpt, model)
+    if runtime == "onnxruntime":
+        model = make_onnx(tmp_path / "model.onnx", model)
     server = Server(model, "--inference", "eager").wait_ready()
     try:
         for _ in range(2):
@@ -233,13 +264,67 @@ def test_keeps_answering_good_requests_while_bad_ones_arrive(server):
     assert server.proc.poll() is None
 
 
+def _tamper(path):
+    """Change one weight of the export, leaving its metadata (and digest) as they were."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    weights.flat[0] += 1
+    model.graph.initializer[0].CopyFrom(
+        onnx.numpy_helper.from_array(weights, model.graph.initializer[0].name)
+    )
+    onnx.save(model, str(path))
+
+
+def _restamp(path, **changes):
+    """Rewrite the export's metadata with ``changes`` (and a matching digest)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    meta.pop(onnx_model.DIGEST)
+    onnx_model.stamp(path, {**meta, **changes})
+
+
+DAMAGE = {
+    "missing": ("model.pt", lambda path: path.unlink(), "model not found"),
+    "corrupt": (
+        "model.pt",
+        lambda path: path.write_bytes(path.read_bytes()[:1000]),
+        "truncated or corrupt checkpoint",
+    ),
+    "missing onnx": (
+        "model.onnx",
+        lambda path: path.unlink(),
+        "ONNX model not found; run `dvc repro export`",
+    ),
+    "truncated onnx": (
+        "model.onnx",
+        lambda path: path.write_bytes(path.read_bytes()[:5000]),
+        "truncated or not an ONNX model",
+    ),
+    "tampered onnx": ("model.onnx", _tamper, "its graph or weights were changed after export"),
+    "onnx of another size": (
+        "model.onnx",
+        lambda path: _restamp(path, **{"gtsrb.image_size": "48"}),
+        "does not fit its metadata (input [N, 3, 48, 48])",
+    ),
+    "onnx without metadata": (
+        "model.onnx",
+        lambda path: _restamp(path, **{"gtsrb.format": "not a number"}),
+        "unreadable metadata",
+    ),
+}
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_refuses_to_start_without_a_good_model(tmp_path, damage, workers):
-    model = tmp_path / "model.pt"
-    if damage == "corrupt":
-        make_checkpoint(model)
-        model.write_bytes(model.read_bytes()[:1000])
+    name, breaker, expected = DAMAGE[damage]
+    model = make_checkpoint(tmp_path / "model.pt")
+    if name == "model.onnx":
+        model = make_onnx(tmp_path / "model.onnx", model)
+    breaker(model)
     proc = subprocess.run(
         serve_command(model, 1, "--workers", workers),
         capture_output=True,
@@ -247,15 +332,24 @@ def test_refuses_to_start_without_a_good_model(tmp_path, damage, workers):
         timeout=120,
     )
     assert proc.returncode == 1
-    expected = "model not found" if damage == "missing" else "truncated or corrupt checkpoint"
     assert f"gtsrb serve: error: {model}" in proc.stderr and expected in proc.stderr
+
+
+def test_onnxruntime_missing_says_how_to_install_it(tmp_path):
+    """onnxruntime made unimportable in the server process (it is installed here)."""
+    model = make_onnx(tmp_path / "model.onnx")
+    code = "import sys; sys.modules['onnxruntime'] = None; from gtsrb.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = serve_command(model, free_port())[3:]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "reading an ONNX model needs onnxruntime: pip install onnxruntime onnx" in proc.stderr
 
 
 def test_workers_share_the_port_and_metrics_count_every_request(tmp_path):
     """Two worker processes start on one port, and /metrics, whichever worker answers, counts
     every request (each on a fresh connection, so both workers take some: without the
     multiprocess collector, scrapes disagreed, 15 against 30)."""
-    server = Server(make_checkpoint(tmp_path / "model.pt"), "--workers", "2").wait_ready()
+    server = Server(make_onnx(tmp_path / "model.onnx"), "--workers", "2").wait_ready()
     try:
         answers = [post(server, png()) for _ in range(30)]  # a new connection each
         assert [a.status_code for a in answers] == [200] * 30
@@ -298,7 +392,7 @@ def test_connections_opened_at_once_spread_over_the_workers(tmp_path):
     """8 keep-alive clients that start together may all land on one worker (it accepts every
     waiting connection at once). Told to reconnect after RECONNECT_SECONDS, they spread over
     both workers within a few seconds, and every request is answered."""
-    server = Server(make_checkpoint(tmp_path / "model.pt"), "--workers", "2").wait_ready()
+    server = Server(make_onnx(tmp_path / "model.onnx"), "--workers", "2").wait_ready()
     body = png()
     stop = time.monotonic() + 10 * RECONNECT_SECONDS
     statuses, closed, failures, lock = [], [], [], threading.Lock()

@@ -22,7 +22,7 @@ from gtsrb.serve.batching import GATHER_TURNS, Batcher
 from gtsrb.serve.front import UploadRoutes
 from gtsrb.serve.runtime import Predictor, Settings
 from gtsrb.serve.uploads import split_form
-from tests.serve.conftest import make_checkpoint, png
+from tests.serve.conftest import make_checkpoint, make_onnx, png
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) + b"\r\n"
 
@@ -240,7 +240,7 @@ def test_after_warm_up_no_request_waits_for_a_graph_to_be_built(tmp_path, arch):
     (a request that set one off waited seconds). Warm-up runs in the model thread and the
     requests on the event loop's, as in the server."""
     model = make_checkpoint(tmp_path / "model.pt", arch)
-    predictor = Predictor.load(Settings(model=str(model), inference="compile"))
+    predictor = Predictor.load(Settings(model=str(model), runtime="torch", inference="compile"))
     assert predictor.path == "compile", predictor.runtime["fallback"]
     with ThreadPoolExecutor(1) as model_thread:
         model_thread.submit(predictor.warm_up).result()
@@ -255,7 +255,7 @@ def test_small_uploads_decode_and_run_on_the_event_loop_and_large_ones_decode_in
     """With one model thread, a request of small images never leaves the event loop (a thread
     hop cost more than it freed); large images, and whatever outlasts the loop's time budget,
     decode in a thread, so the loop serves on."""
-    predictor = Predictor.load(Settings(model=str(make_checkpoint(tmp_path / "m.pt")), inference="eager"))
+    predictor = Predictor.load(Settings(model=str(make_onnx(tmp_path / "m.onnx"))))
     threads = {"decode": [], "model": []}
     decode, probabilities = uploads.decode, predictor.probabilities
 
