@@ -5,7 +5,7 @@ float32 [N, 3, S, S] (RGB in [0, 1], minus ``mean``, divided by ``std``, per cha
 ``logits`` [N, 43]. Its metadata (``metadata_props``) carries everything serving needs, so
 the file alone can serve: the keys of ``METADATA`` (architecture, image size, normalisation,
 class names, the checkpoint's md5 and version of torch, training params and validation
-accuracy) and ``gtsrb.graph_sha256``, a digest of the graph and its weights: a file whose
+accuracy, the training set's class prior) and ``gtsrb.graph_sha256``, a digest of the graph and its weights: a file whose
 weights or nodes were changed after export is refused.
 
 Reading needs ``onnx`` (to check the digest) and ``onnxruntime``, not torch: the server image
@@ -38,6 +38,7 @@ METADATA = {
     "gtsrb.opset": int,
     "gtsrb.params": json.loads,
     "gtsrb.val_accuracy": json.loads,
+    "gtsrb.class_prior": json.loads,
     "gtsrb.input": str,
 }
 DIGEST = "gtsrb.graph_sha256"
@@ -63,6 +64,7 @@ def metadata(ckpt: dict[str, Any], checkpoint_md5: str, opset: int) -> dict[str,
         "gtsrb.opset": opset,
         "gtsrb.params": ckpt.get("params", {}),
         "gtsrb.val_accuracy": ckpt.get("val_accuracy"),
+        "gtsrb.class_prior": ckpt.get("class_prior"),
         "gtsrb.input": INPUT_DOC,
     }
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
@@ -102,6 +104,7 @@ class OnnxModel:
             "class_names": self.meta["gtsrb.class_names"],
             "params": self.meta["gtsrb.params"],
             "val_accuracy": self.meta["gtsrb.val_accuracy"],
+            "class_prior": self.meta["gtsrb.class_prior"],
             "torch_version": self.meta["gtsrb.torch_version"],
             "checkpoint_md5": self.meta["gtsrb.checkpoint_md5"],
         }

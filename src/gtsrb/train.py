@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from gtsrb import backends, models
+from gtsrb.classes import NUM_CLASSES
 from gtsrb.errors import ParamsError
 from gtsrb.fsutil import atomic_dir, atomic_file, md5sum, write_json
 from gtsrb.params import TrainParams, as_dict
@@ -265,6 +266,10 @@ def train(
             as_dict(p),
             {
                 "val_accuracy": {f: metrics[f"val/accuracy/{f}"] for f in FRAMINGS},
+                # the share of each class in the training set: what serving's drift score compares with
+                "class_prior": [
+                    round(float(n) / len(y), 6) for n in torch.bincount(y, minlength=NUM_CLASSES)
+                ],
                 "threads": threads,
                 "data": {
                     "train_md5": md5sum(prepared / "train.npz"),

@@ -95,6 +95,9 @@ def test_curves_and_headline_metrics_are_logged(tmp_path):
     accuracy = {"roi": out["val/accuracy/roi"], "whole": out["val/accuracy/whole"]}
     assert headline == {"val": {"loss": out["val/loss"], "accuracy": accuracy}}
     assert ckpt["val_accuracy"] == accuracy
+    train_labels = np.load(tmp_path / "prepared" / "train.npz")["labels"]
+    expected = np.bincount(train_labels, minlength=43) / len(train_labels)
+    assert len(ckpt["class_prior"]) == 43 and np.allclose(ckpt["class_prior"], expected, atol=1e-6)
 
 
 def test_augment_keeps_shape_range_and_is_seeded():
