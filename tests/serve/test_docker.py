@@ -1,8 +1,14 @@
 """The server image, built with the real Docker engine from the repo's Dockerfile, run, and asked
 over HTTP as a user would. Needs a running dockerd and the base image: `bash .ci/provision-docker`.
 
-The build context is a temp folder with only what the image needs (no data, no .git): the
-project files, the CPU torch wheel of this machine in wheels/, and a fresh checkpoint in models/.
+The default variant (RUNTIME=onnxruntime: the ONNX export on ONNX Runtime, no torch) is built
+from a temp folder holding only what the image needs (no data, no .git): the project files and
+a fresh export in models/. The torch variant (RUNTIME=torch) is not built here: it costs about
+100 s more on a cold cache and 1.3 GB, for a path that shares every stage but two with the
+default. Its stages are checked as text, its missing-wheel error for real, and
+`python bench/image.py` builds and runs both (README's image figures).
+
+`bench/image.py` uses the helpers above the tests.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,10 +28,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
+from gtsrb.cli import build_parser
+from gtsrb.serve.runtime import MODEL_FILES, RUNTIMES
 from tests.conftest import ROOT
-from tests.serve.conftest import make_checkpoint, png
+from tests.serve.conftest import free_port, make_onnx, png
 
 pytestmark = pytest.mark.docker
 
@@ -35,6 +43,7 @@ MODEL_VERSION = "v0.0.0-docker"
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "requirements.lock", "README.md")
 BUILD_TIMEOUT = 1800  # a first build installs the dependencies from the registry
 READY_TIMEOUT = 120
+SERVE = ["gtsrb", "serve", "--host", "0.0.0.0", "--port", "8000"]  # the default variant's CMD
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
@@ -61,19 +70,11 @@ def docker_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def engine() -> None:
-    reason = docker_missing()
-    if reason:
-        message = f"{reason}: run `bash .ci/provision-docker` (installs Docker, starts dockerd, builds {BASE_IMAGE})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 def torch_wheel(dest: Path) -> Path:
     """The CPU torch wheel this machine installs (`pip install torch==X` takes it from a local
-    folder): the image gets the same build instead of PyPI's CUDA one."""
+    folder), in ``dest``: the torch variant gets the same build instead of PyPI's CUDA one."""
+    import torch
+
     version = torch.__version__.split("+")[0]
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", f"torch=={version}", "--no-deps", "-d", str(dest)],
@@ -89,9 +90,89 @@ def torch_wheel(dest: Path) -> Path:
     return wheels[0]
 
 
+def make_context(ctx: Path, arch: str = "traffic_sign_net") -> Path:
+    """A build context in ``ctx`` with what the image needs: the project files, and in models/
+    a fresh checkpoint of ``arch`` (model.pt) and its export (model.onnx)."""
+    ctx.mkdir(parents=True, exist_ok=True)
+    for name in CONTEXT_FILES:
+        shutil.copy(ROOT / name, ctx / name)
+    shutil.copytree(ROOT / "src", ctx / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    make_onnx(ctx / "models" / "model.onnx", arch=arch)
+    return ctx
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
 def git_revision() -> str:
     proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def build_image(ctx: Path, tag: str, build_args: dict[str, str], log: Path) -> None:
+    """`docker build` of ``ctx`` as ``tag``, its output in ``log``; fails with the log's end."""
+    args = [arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")]
+    with log.open("w") as out:
+        proc = subprocess.run(
+            [DOCKER, "build", "--progress=plain", *args, "-t", tag, str(ctx)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "DOCKER_BUILDKIT": "1"},
+            timeout=BUILD_TIMEOUT,
+        )
+    assert proc.returncode == 0, f"docker build failed ({proc.returncode}):\n{log.read_text()[-6000:]}"
+
+
+class Container:
+    """``docker run -d`` of ``image`` with its port 8000 on 127.0.0.1:``port`` (default: a
+    free one) and ``args`` (options before the image). Remove it with ``remove``."""
+
+    def __init__(self, image: str, *args: str, port: int | None = None):
+        self.name = f"gtsrb-serve-test-{uuid.uuid4().hex[:12]}"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        docker("run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8000", *args, image)
+
+    def state(self) -> dict:
+        return json.loads(docker("inspect", "-f", "{{json .State}}", self.name).stdout)
+
+    def logs(self, tail: int = 60) -> str:
+        proc = docker("logs", "--tail", str(tail), self.name, check=False)
+        return proc.stdout + proc.stderr
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT, interval: float = 0.5) -> None:
+        """Until /ready answers 200; fails at once if the container exits first."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            state = self.state()
+            if not state["Running"]:
+                raise AssertionError(
+                    f"the container exited ({state['ExitCode']}) before it was ready:\n{self.logs()}"
+                )
+            time.sleep(interval)
+        raise AssertionError(f"{self.url}/ready did not answer 200 within {timeout:.0f}s:\n{self.logs()}")
+
+    def remove(self) -> None:
+        docker("rm", "-f", self.name, check=False)
+
+
+# --- the default image, built and run ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine() -> None:
+    reason = docker_missing()
+    if reason:
+        message = f"{reason}: run `bash .ci/provision-docker` (installs Docker, starts dockerd, builds {BASE_IMAGE})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 @dataclass(frozen=True)
@@ -103,84 +184,27 @@ class Image:
 
 @pytest.fixture(scope="module")
 def image(engine, tmp_path_factory) -> Iterator[Image]:
-    ctx = tmp_path_factory.mktemp("docker-context")
-    for name in CONTEXT_FILES:
-        shutil.copy(ROOT / name, ctx / name)
-    shutil.copytree(ROOT / "src", ctx / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    wheel = torch_wheel(ctx / "wheels")
-    model = make_checkpoint(ctx / "models" / "model.pt")
-    md5 = hashlib.md5(model.read_bytes()).hexdigest()
-    revision = git_revision()
+    ctx = make_context(tmp_path_factory.mktemp("docker-context"))
+    model_md5, revision = md5(ctx / "models" / "model.onnx"), git_revision()
     tag = f"gtsrb-serve-test:{uuid.uuid4().hex[:12]}"
-    log = ctx.parent / "docker-build.log"
-    build_args = {
-        "TORCH_WHEEL": f"wheels/{wheel.name}",
-        "MODEL": "models/model.pt",
-        "MODEL_VERSION": MODEL_VERSION,
-        "MODEL_MD5": md5,
-        "GIT_REVISION": revision,
-    }
-    args = [arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")]
-    cmd = [DOCKER, "build", "--progress=plain", *args, "-t", tag, str(ctx)]
+    build_args = {"MODEL_VERSION": MODEL_VERSION, "MODEL_MD5": model_md5, "GIT_REVISION": revision}
     try:
-        with log.open("w") as out:
-            proc = subprocess.run(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "DOCKER_BUILDKIT": "1"},
-                timeout=BUILD_TIMEOUT,
-            )
-        assert proc.returncode == 0, f"docker build failed ({proc.returncode}):\n{log.read_text()[-6000:]}"
-        yield Image(tag, md5, revision)
+        build_image(ctx, tag, build_args, ctx.parent / "docker-build.log")
+        yield Image(tag, model_md5, revision)
     finally:
         docker("rmi", "-f", tag, check=False)
 
 
-class Container:
-    def __init__(self, name: str):
-        self.name = name
-        host_port = docker("port", name, "8000/tcp").stdout.splitlines()[0].strip()
-        self.url = f"http://{host_port}"
-
-    def state(self) -> dict:
-        return json.loads(docker("inspect", "-f", "{{json .State}}", self.name).stdout)
-
-    def logs(self) -> str:
-        proc = docker("logs", "--tail", "60", self.name, check=False)
-        return proc.stdout + proc.stderr
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            state = self.state()
-            if not state["Running"]:
-                raise AssertionError(
-                    f"the container exited ({state['ExitCode']}) before it was ready:\n{self.logs()}"
-                )
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"{self.url}/ready did not answer 200 within {timeout:.0f}s:\n{self.logs()}")
-
-
 @pytest.fixture(scope="module")
 def container(image: Image) -> Iterator[Container]:
-    name = f"gtsrb-serve-test-{uuid.uuid4().hex[:12]}"
+    # The image's HEALTHCHECK, run every 2 s instead of 30 s so the test can see it pass.
+    # Two server processes, as README's `docker run` starts them (one worker per core).
+    ctr = Container(image.tag, "--health-interval", "2s", "-e", "GTSRB_WORKERS=2")
     try:
-        # A host port on 127.0.0.1 only, chosen free by Docker (read back with `docker port`).
-        # The image's HEALTHCHECK, run every 2 s instead of 30 s so the test can see it pass.
-        # Two server processes, as README's `docker run` starts them (one worker per core).
-        ports_and_health = ["-p", "127.0.0.1::8000", "--health-interval", "2s"]
-        docker("run", "-d", "--name", name, *ports_and_health, "-e", "GTSRB_WORKERS=2", image.tag)
-        ctr = Container(name)
         ctr.wait_ready()
         yield ctr
     finally:
-        docker("rm", "-f", name, check=False)
+        ctr.remove()
 
 
 def test_image_labels_name_the_model_and_revision(image):
@@ -190,10 +214,10 @@ def test_image_labels_name_the_model_and_revision(image):
     assert labels["gtsrb.model.version"] == labels["org.opencontainers.image.version"] == MODEL_VERSION
     assert labels["org.opencontainers.image.revision"] == image.revision
     assert labels["org.opencontainers.image.title"] and labels["org.opencontainers.image.licenses"]
+    assert labels["gtsrb.runtime"] == "onnxruntime"
     assert "8000/tcp" in config["ExposedPorts"] and config["User"] == "10001:10001"
-    # jit: the image has no C++ compiler for torch.compile (see the Dockerfile)
-    assert config["Cmd"] == ["gtsrb", "serve", "--host", "0.0.0.0", "--port", "8000", "--inference", "jit"]
-    assert "GTSRB_MODEL=/app/model.pt" in config["Env"]
+    assert config["Cmd"] == SERVE  # the default runtime, onnxruntime
+    assert "GTSRB_MODEL=/app/model.onnx" in config["Env"]
 
 
 def test_container_serves_predictions(container):
@@ -209,16 +233,28 @@ def test_container_serves_predictions(container):
     demo = httpx.get(container.url + "/", timeout=5)  # demo.html: package data, in the wheel too
     assert demo.status_code == 200 and "<title>GTSRB traffic-sign classifier</title>" in demo.text
     runtime = httpx.get(container.url + "/model", timeout=5).json()["runtime"]
-    assert (runtime["inference_path"], runtime["fallback"]) == ("jit", "")
+    assert (runtime["runtime"], runtime["inference_path"]) == ("onnxruntime", "onnxruntime")
+    assert runtime["execution_provider"] == "CPUExecutionProvider"
 
     def workers_started() -> int:
-        logs = docker("logs", container.name, check=False)
-        return (logs.stdout + logs.stderr).count("Application startup complete")
+        return container.logs(tail=1000).count("Application startup complete")
 
     deadline = time.monotonic() + 60  # the second worker may still be loading its model
     while workers_started() < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert workers_started() == 2, container.logs()
+
+
+def test_image_holds_no_torch_and_no_installer(container):
+    """The point of the default variant: no torch (nor what only torch needs), and no pip or
+    setuptools, which serving never runs."""
+    imported = docker("exec", container.name, "python", "-c", "import torch", check=False)
+    assert imported.returncode != 0 and "No module named 'torch'" in imported.stderr, imported
+    listing = "import importlib.metadata as m; print('\\n'.join(d.metadata['Name'].lower() for d in m.distributions()))"
+    names = set(docker("exec", container.name, "python", "-c", listing).stdout.split())
+    assert {"gtsrb", "onnxruntime", "onnx", "numpy", "pillow", "fastapi", "uvicorn"} <= names, names
+    unwanted = {"torch", "sympy", "networkx", "jinja2", "pip", "setuptools"} & names
+    assert not unwanted and not [n for n in names if n.startswith("nvidia")], names
 
 
 def test_server_does_not_run_as_root(container):
@@ -235,6 +271,9 @@ def test_healthcheck_passes_without_curl(container):
         time.sleep(0.5)
     assert health["Status"] == "healthy", health
     assert docker("exec", container.name, "sh", "-c", "command -v curl", check=False).returncode != 0
+
+
+# --- what is not built here: the context, the torch variant ------------------------------------
 
 
 def build_quietly(ctx: Path, *args: str, dockerfile: str | None = None) -> subprocess.CompletedProcess:
@@ -272,11 +311,53 @@ def test_dockerignore_sends_only_what_the_image_needs(engine):
     assert not [p for p in found if "__pycache__" in p or p.endswith((".pyc", ".egg-info"))]
 
 
-def test_a_missing_torch_wheel_is_named(engine, tmp_path):
-    for name in CONTEXT_FILES:
-        shutil.copy(ROOT / name, tmp_path / name)
-    proc = build_quietly(tmp_path, "--target", "deps", "--build-arg", "TORCH_WHEEL=wheels/torch-0.0-nope.whl")
+def test_a_missing_torch_wheel_is_named_for_the_torch_variant(engine, tmp_path):
+    """The whole torch build (no --target), from a context with all else it needs: RUNTIME=torch
+    reaches the torch stage, which stops it before anything is installed."""
+    args = ["--build-arg", "RUNTIME=torch", "--build-arg", "TORCH_WHEEL=wheels/torch-0.0-nope.whl"]
+    proc = build_quietly(make_context(tmp_path), *args)
     assert proc.returncode != 0
     assert "TORCH_WHEEL=wheels/torch-0.0-nope.whl: no such file in the build context's wheels/ folder" in (
         proc.stdout + proc.stderr
     )
+
+
+def dockerfile_stages(text: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """The stages of a Dockerfile by name ("" for the instructions before the first FROM, and
+    "final" for the last stage): (what it starts FROM, its instructions as (KEYWORD, arguments)),
+    comments dropped and continuation lines joined, as Docker reads them."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    stages: dict[str, tuple[str, list[tuple[str, str]]]] = {"": ("", [])}
+    name = ""
+    for line in re.sub(r"\\\n", "", "\n".join(lines)).splitlines():
+        keyword, _, args = line.strip().partition(" ")
+        if keyword.upper() == "FROM":
+            source, _, name = args.strip().partition(" AS ")
+            name = name.strip() or "final"
+            stages[name] = (source.strip(), [])
+        elif keyword:
+            stages[name][1].append((keyword.upper(), " ".join(args.split())))
+    return stages
+
+
+def test_each_runtime_has_its_stages_and_command():
+    """Each runtime the server knows is a variant: RUNTIME picks its deps and server stages,
+    which bake in that runtime's model file and start `gtsrb serve` on it; the torch one
+    with the TorchScript path (no C++ compiler in the image)."""
+    stages = dockerfile_stages((ROOT / "Dockerfile").read_text())
+    assert ("ARG", "RUNTIME=onnxruntime") in stages[""][1]
+    assert stages["deps"][0] == "deps-${RUNTIME}" and stages["final"][0] == "server-${RUNTIME}"
+    commands = {}
+    for runtime in RUNTIMES:
+        assert stages[f"deps-{runtime}"][0] == "venv"
+        source, steps = stages[f"server-{runtime}"]
+        model = MODEL_FILES[runtime]
+        baked = f"/app/{Path(model).name}"
+        assert source == "server" and ("ARG", f"MODEL={model}") in steps, steps
+        assert ("COPY", f"${{MODEL}} {baked}") in steps and ("ENV", f"GTSRB_MODEL={baked}") in steps
+        commands[runtime] = cmd = json.loads(dict(steps)["CMD"])
+        args = build_parser().parse_args(cmd[1:])  # flags the CLI knows
+        assert cmd[0] == "gtsrb" and (args.host, args.port) == ("0.0.0.0", 8000)
+        assert args.runtime in (None, runtime)
+    assert commands["onnxruntime"] == SERVE
+    assert commands["torch"] == [*SERVE, "--runtime", "torch", "--inference", "jit"]
