@@ -1,7 +1,7 @@
 """Load test of `gtsrb serve` from a second process on 127.0.0.1, next to the bare model.
 
-Starts the server on a checkpoint (default models/model.pt; an untrained model of the default
-arch if it is missing), then sends bounded bursts: /predict at concurrency 1, 4 and 8, and /predict/batch with 64
+Starts the server on a model file (default models/model.pt; an untrained model of the default
+arch if it is missing; a .onnx file runs on ONNX Runtime), then sends bounded bursts: /predict at concurrency 1, 4 and 8, and /predict/batch with 64
 images at concurrency 1 and 2. Reports requests/s, images/s, p50/p99 latency and errors, and
 the bare model's single-image and batch-64 throughput measured in this same run (through the
 server's own Predictor, so the same backend and inference path).
@@ -12,9 +12,11 @@ server's own Predictor, so the same backend and inference path).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -26,12 +28,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
 from PIL import Image
 
-from gtsrb import models
 from gtsrb import params as P
 from gtsrb.serve import Predictor, wait_ready
+from gtsrb.serve.runtime import runtime_for
 
 ARCH = P.load("train", Path(__file__).resolve().parents[1] / "params.yaml").arch
 
@@ -153,6 +154,43 @@ def wrk_burst(
     }
 
 
+# The loads of the comparisons (peers.py, http_parts.py, run_all.py): (result key, path, field,
+# images per request, concurrency). The issue's concurrency is 8.
+PREDICT_C8 = ("predict_c8", "/predict", "file", 1, 8)
+BATCH_64_C8 = ("predict_batch_64_c8", "/predict/batch", "files", 64, 8)
+
+
+@functools.cache
+def _request(field: str, images: int) -> tuple[bytes, str, list]:
+    """A request of ``images`` sign PNGs in ``field``: (body, content type) for wrk, the files
+    for Python clients; built once."""
+    pngs = [sign_png(i) for i in range(images)]
+    return (*multipart(field, pngs), [(field, (f"{i}.png", p)) for i, p in enumerate(pngs)])
+
+
+def load(url: str, spec: tuple, seconds: float) -> dict:
+    """One load of ``spec`` (see PREDICT_C8) on the server at ``url``: from wrk if installed,
+    else from Python threads."""
+    _, path, field, images, concurrency = spec
+    body, content_type, files = _request(field, images)
+    if shutil.which("wrk"):
+        return wrk_burst(url + path, body, content_type, concurrency, seconds, images)
+    return burst(url + path, lambda i: (files, images), concurrency, seconds)
+
+
+def load_generator() -> str:
+    return "wrk" if shutil.which("wrk") else "python"
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=30)
+
+
 def bare(predictor: Predictor, batch: int, seconds: float) -> float:
     """Images/s of the bare predictor on decoded images (no HTTP, no decoding)."""
     images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
@@ -164,20 +202,24 @@ def bare(predictor: Predictor, batch: int, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-def bare_fresh(model: Path, inference: str, seconds: float) -> tuple[dict[str, float], str]:
+def bare_fresh(
+    model: Path, inference: str, seconds: float, runtime: str | None = None
+) -> tuple[dict[str, float], str]:
     """``bare`` at batch 1 and 64 in a fresh process, one thread per core: the model at its best.
-    Measured in a process that had trained models before, it ran ~12% slower here. Returns the
-    images/s by batch and the inference path that ran."""
+    Measured in a process that had trained models before, it ran ~12% slower here. ``runtime``
+    as `gtsrb serve --runtime` takes it (None: torch for a .pt file, else onnxruntime).
+    Returns the images/s by batch and the inference path that ran."""
+    model_file, runtime = runtime_for(str(model), runtime)
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import serve_load as s; "
         "from gtsrb.serve import Predictor, Settings; "
-        "p = Predictor.load(Settings(model=sys.argv[2], inference=sys.argv[3], threads=0)); "
-        "t = float(sys.argv[4]); "
+        "p = Predictor.load(Settings(model=sys.argv[2], runtime=sys.argv[5], inference=sys.argv[3], "
+        "threads=0)); t = float(sys.argv[4]); "
         "print(json.dumps([{'batch_1': s.bare(p, 1, t), 'batch_64': s.bare(p, 64, t)}, p.path]))"
     )
     here = str(Path(__file__).resolve().parent)
     out = subprocess.run(
-        [sys.executable, "-c", code, here, str(model), inference, str(seconds)],
+        [sys.executable, "-c", code, here, model_file, inference, str(seconds), runtime],
         capture_output=True,
         text=True,
         check=True,
@@ -192,15 +234,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(model: Path, inference: str, workers: int = 1) -> tuple[subprocess.Popen, str]:
-    """`gtsrb serve` on a free port of 127.0.0.1, ready; the caller stops it."""
+def start(
+    model: Path, inference: str, workers: int = 1, runtime: str | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`gtsrb serve` on a free port of 127.0.0.1, ready; the caller stops it. ``runtime``: as
+    `gtsrb serve --runtime` takes it (None: torch for a .pt file, else onnxruntime)."""
     port = free_port()
     cmd = [sys.executable, "-m", "gtsrb.cli", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--inference", inference, "--max-batch", "64", "--workers", str(workers)]
+    cmd += ["--runtime", runtime] if runtime else []
+    return launch(cmd, port, workers)
+
+
+def launch(cmd: list[str], port: int, workers: int, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server (``cmd``, on ``port`` of 127.0.0.1, ``workers`` uvicorn workers), and wait
+    until it answers /ready and every worker accepts connections; the caller stops it."""
     with tempfile.TemporaryFile() as log:  # the server keeps its own handle on it
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=180, proc=server)
+        try:
+            wait_ready(url, timeout=180, proc=server)
+        except Exception:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            server.terminate()
+            server.wait(timeout=30)
+            raise
         # The first worker ready answers /ready; a load started then would keep all its
         # connections on that one worker. Each worker logs this line once it accepts them.
         deadline = time.monotonic() + 180
@@ -217,20 +276,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/model.pt")
     ap.add_argument("--seconds", type=float, default=8.0, help="per load level")
-    ap.add_argument("--inference", default="compile")
+    ap.add_argument("--inference", default="compile", help="with --runtime torch")
+    ap.add_argument("--runtime", choices=("onnxruntime", "torch"), help="default: torch for a .pt model")
     ap.add_argument("--workers", type=int, default=1, help="server processes (gtsrb serve --workers)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     model = Path(args.model)
     tmp = tempfile.TemporaryDirectory()
     if not model.is_file():
+        import torch
+
+        from gtsrb import models
+
         model = Path(tmp.name) / "model.pt"
         torch.save(
             models.make_checkpoint(models.build(ARCH), ARCH, 32, [0.5] * 3, [0.25] * 3, {}),
             model,
         )
         print(f"{args.model} not found: using an untrained {ARCH} (speed only)")
-    server, url = start(model, args.inference, args.workers)
+    server, url = start(model, args.inference, args.workers, args.runtime)
     try:
         pngs = [sign_png(i) for i in range(64)]
         single = [
@@ -244,7 +308,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    rates, path = bare_fresh(model, args.inference, args.seconds / 2)
+    rates, path = bare_fresh(model, args.inference, args.seconds / 2, args.runtime)
     bare1, bare64 = rates["batch_1"], rates["batch_64"]
     print(f"bare model ({path}): {bare1:.0f} images/s at batch 1, {bare64:.0f} at batch 64")
     print("| endpoint | concurrency | requests/s | images/s | p50 ms | p99 ms | errors | vs bare |")
