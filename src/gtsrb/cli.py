@@ -114,6 +114,16 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most 1")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from gtsrb.serve import Settings, serve
     from gtsrb.serve.runtime import runtime_for
@@ -127,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         inference=args.inference,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_batch=args.max_batch,
+        monitoring=not args.no_monitoring,
+        low_confidence=args.low_confidence,
+        drift_window=args.drift_window,
     )
     serve(settings, args.host, args.port, access_log=args.access_log, workers=args.workers)
 
@@ -271,6 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413 (default: 10)")
     p.add_argument("--max-batch", type=int, default=64, help="most images per /predict/batch (default: 64)")
+    p.add_argument(
+        "--low-confidence",
+        type=share,
+        default=os.environ.get("GTSRB_LOW_CONFIDENCE", "0.5"),
+        help="an answer whose top-1 probability is below this counts in gtsrb_low_confidence_total "
+        "(default: $GTSRB_LOW_CONFIDENCE or 0.5)",
+    )
+    p.add_argument(
+        "--drift-window",
+        type=positive_int,
+        default=os.environ.get("GTSRB_DRIFT_WINDOW", "1000"),
+        help="the drift score (gtsrb_drift_psi) compares the classes of the last N answers with the "
+        "training set's (default: $GTSRB_DRIFT_WINDOW or 1000)",
+    )
+    p.add_argument(
+        "--no-monitoring",
+        action="store_true",
+        default=os.environ.get("GTSRB_MONITORING", "1") == "0",
+        help="no model monitoring metrics (confidence, input statistics, drift); $GTSRB_MONITORING=0 too",
+    )
     p.add_argument(
         "--access-log",
         action="store_true",

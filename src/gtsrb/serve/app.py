@@ -27,6 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gtsrb.errors import GtsrbError
 from gtsrb.serve.batching import INLINE_BATCH, Batcher
 from gtsrb.serve.front import BodyLimit, Reconnects, UploadRoutes
+from gtsrb.serve.monitoring import Monitor, process_stopped, ready_gauge
 from gtsrb.serve.uploads import MULTIPART, ROI, TOP_K, decode_uploads, query_ints, read_uploads, roi_of
 
 if TYPE_CHECKING:
@@ -109,6 +110,19 @@ def create_app(predictor: Predictor, workers: int = 1):
     errors = Counter(
         "gtsrb_errors_total", "Rejected requests", ["endpoint", "status"], registry=metrics_registry
     )
+    ready_metric = ready_gauge(metrics_registry, predictor.version)  # 0 until warmed up
+    monitor = None
+    if settings.monitoring:  # model monitoring (monitoring.py): off, the code runs as before it
+        monitor = Monitor(
+            metrics_registry,
+            predictor.version,
+            predictor.ckpt["class_names"],
+            predictor.ckpt.get("class_prior"),
+            settings.low_confidence,
+            settings.drift_window,
+        )
+        if monitor.drift_off:
+            log.warning("model %s: %s (gtsrb_drift_psi not exported)", predictor.version, monitor.drift_off)
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     state = {"ready": False}
 
@@ -120,8 +134,11 @@ def create_app(predictor: Predictor, workers: int = 1):
         gc.collect()  # what is garbage already should not be kept for good
         gc.freeze()
         state["ready"] = True
+        ready_metric.set(1)
         log.info("model %s ready (%s, %s)", predictor.version, predictor.runtime["kernels"], predictor.path)
         yield
+        ready_metric.set(0)
+        process_stopped()  # with several workers: this one's live gauges go
         model_thread.shutdown(wait=False)
 
     app = FastAPI(
@@ -139,7 +156,9 @@ def create_app(predictor: Predictor, workers: int = 1):
     # new connections to an idle one. With more threads, their pool runs the model (else the
     # pool and the event loop would fight for the cores).
     inline = INLINE_BATCH if predictor.runtime["threads"] == 1 else 0
-    batcher = Batcher(predictor.probabilities, model_thread, settings.max_batch, inline)
+    # Monitoring sees each forward pass's images and probabilities (once per micro-batch)
+    model = monitor.wrap(predictor.probabilities) if monitor else predictor.probabilities
+    batcher = Batcher(model, model_thread, settings.max_batch, inline)
 
     size, max_pixels = predictor.image_size, settings.max_pixels
     max_files, max_part_size = settings.max_batch + 1, settings.max_upload_bytes or float("inf")
@@ -160,7 +179,10 @@ def create_app(predictor: Predictor, workers: int = 1):
         items = await read_uploads(request, "file", max_files, max_part_size)
         if len(items) > 1:
             raise HTTPException(422, f"{len(items)} files in field 'file': send one, or use /predict/batch")
-        images = await decode_uploads(items, size, max_pixels, roi)
+        sides = [] if monitor else None  # each image's side before resizing, for monitoring
+        images = await decode_uploads(items, size, max_pixels, roi, sides)
+        if monitor:
+            monitor.observe_sides(sides)
         result = predictor.results(await batcher(images), top_k)[0]
         count([result])
         return FastJSON(result)
@@ -172,7 +194,11 @@ def create_app(predictor: Predictor, workers: int = 1):
             raise HTTPException(
                 413, f"{len(items)} files in one batch, more than the limit of {settings.max_batch}"
             )
-        probs = await batcher(await decode_uploads(items, size, max_pixels, None))
+        sides = [] if monitor else None
+        images = await decode_uploads(items, size, max_pixels, None, sides)
+        if monitor:
+            monitor.observe_sides(sides)
+        probs = await batcher(images)
         results = predictor.results(probs, top_k)
         count(results)
         return FastJSON({"results": results, "model_version": predictor.version})
@@ -216,7 +242,13 @@ def create_app(predictor: Predictor, workers: int = 1):
 
     @app.get("/model", summary="The model card")
     async def model_card():
-        return {**predictor.card, "version": predictor.version, "runtime": predictor.runtime}
+        monitoring = monitor.describe() if monitor else {"enabled": False}
+        return {
+            **predictor.card,
+            "version": predictor.version,
+            "runtime": predictor.runtime,
+            "monitoring": monitoring,
+        }
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():

@@ -40,6 +40,9 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     max_batch: int = 64
+    monitoring: bool = True  # the model monitoring metrics (monitoring.py)
+    low_confidence: float = 0.5  # an answer less sure than this counts as low-confidence
+    drift_window: int = 1000  # the drift score's window: the last N answers
 
 
 def runtime_for(model: str | None, runtime: str | None) -> tuple[str, str]:

@@ -64,9 +64,11 @@ def decode(
     max_pixels: int,
     roi: tuple[int, int, int, int] | None = None,
     small_only: int | None = None,
+    sides: list[int] | None = None,
 ) -> np.ndarray:
     """Upload bytes -> the model's uint8 input, with prepare's crop-and-resize function.
-    With ``small_only``, an image of more pixels raises NotSmall once its header is read."""
+    With ``small_only``, an image of more pixels raises NotSmall once its header is read. With
+    ``sides``, the shorter side of what is resized (the ROI, else the image) is appended to it."""
     if not data:
         raise BadImage(400, "empty upload")
     try:
@@ -102,6 +104,8 @@ def decode(
         if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
             raise BadImage(422, f"ROI ({x1},{y1})-({x2},{y2}) is outside the {width}x{height} image")
         box = (float(x1), float(y1), float(x2), float(y2))
+    if sides is not None:
+        sides.append(min(x2 - x1, y2 - y1) if box else min(width, height))
     return to_model_input(img, box, size)
 
 
@@ -230,29 +234,37 @@ async def read_uploads(
 
 
 def decode_one(
-    name: str | None, data: bytes, size: int, max_pixels: int, roi, small_only: int | None = None
+    name: str | None,
+    data: bytes,
+    size: int,
+    max_pixels: int,
+    roi,
+    small_only: int | None = None,
+    sides: list[int] | None = None,
 ) -> np.ndarray:
     """``decode``, its BadImage raised as the HTTPException that answers it (naming the file)."""
     try:
-        return decode(data, size, max_pixels, roi, small_only)
+        return decode(data, size, max_pixels, roi, small_only, sides)
     except BadImage as exc:
         raise HTTPException(exc.status, (f"{name}: " if name else "") + exc.detail) from None
 
 
 async def decode_uploads(
-    items: list[tuple[str | None, bytes]], size: int, max_pixels: int, roi
+    items: list[tuple[str | None, bytes]], size: int, max_pixels: int, roi, sides: list[int] | None = None
 ) -> np.ndarray:
     """All uploads of a request -> one uint8 batch: small images on the event loop (cheaper
     than a thread hop), from the first one that is not, or after INLINE_DECODE_SECONDS, the
-    rest in one trip to a worker thread."""
+    rest in one trip to a worker thread. ``sides``: as ``decode`` takes it."""
     images: list[np.ndarray] = []
     deadline = time.perf_counter() + INLINE_DECODE_SECONDS
     with contextlib.suppress(NotSmall):  # a large image, once its header is read
         for name, data in items:
             if len(data) > INLINE_IMAGE_BYTES or time.perf_counter() > deadline:
                 break
-            images.append(decode_one(name, data, size, max_pixels, roi, small_only=INLINE_IMAGE_PIXELS))
+            images.append(decode_one(name, data, size, max_pixels, roi, INLINE_IMAGE_PIXELS, sides))
     if len(images) < len(items):
         rest = items[len(images) :]
-        images += await asyncio.to_thread(lambda: [decode_one(*item, size, max_pixels, roi) for item in rest])
+        images += await asyncio.to_thread(
+            lambda: [decode_one(*item, size, max_pixels, roi, None, sides) for item in rest]
+        )
     return np.stack(images)
