@@ -32,6 +32,8 @@ Where each concern lives (one module each):
 - ``front``: the hand-written ASGI in front of FastAPI: ``UploadRoutes``, ``BodyLimit``,
   ``Reconnects``, each with what it measured.
 - ``batching``: ``Batcher``, the micro-batches.
+- ``monitoring``: ``Monitor``, the model monitoring metrics (confidence, input statistics, the
+  drift of the predicted classes) and ``gtsrb_ready``.
 - ``runtime``: ``Settings`` and ``Predictor``, the model: the one module that imports torch.
 - ``workers``: ``serve`` (one process or N workers), ``worker_app``, ``wait_ready``.
 - ``png``: plain PNG uploads decoded without Pillow's per-file Python (for ``uploads.decode``).

@@ -103,7 +103,7 @@ def psi(counts: np.ndarray, prior: np.ndarray, epsilon: float = PSI_EPSILON) -> 
     """Population stability index of class ``counts`` against the ``prior`` shares."""
     actual = np.maximum(counts / counts.sum(), epsilon)
     expected = np.maximum(prior, epsilon)
-    return float(((actual - expected) * np.log(actual / expected)).sum())
+    return float(np.dot(actual - expected, np.log(actual) - np.log(expected)))
 
 
 class Window:
@@ -120,15 +120,19 @@ class Window:
             self.counts[:] = np.bincount(self.ring, minlength=len(self.counts))
             self.filled, self.pos = self.size, 0
             return
-        where = (self.pos + np.arange(len(classes))) % self.size
-        # the slots past ``filled`` are empty; the positions written after them hold old answers
-        evicted = max(0, self.filled + len(classes) - self.size)
-        if evicted:
-            self.counts -= np.bincount(self.ring[where[len(classes) - evicted :]], minlength=len(self.counts))
-        self.ring[where] = classes
-        self.counts += np.bincount(classes, minlength=len(self.counts))
+        first = min(len(classes), self.size - self.pos)  # up to the ring's end, the rest from 0
+        self._put(self.pos, classes[:first])
+        if first < len(classes):
+            self._put(0, classes[first:])
         self.filled = min(self.size, self.filled + len(classes))
         self.pos = (self.pos + len(classes)) % self.size
+
+    def _put(self, start: int, classes: np.ndarray) -> None:
+        old = min(start + len(classes), self.filled) - start  # slots below ``filled``: answers that leave
+        if old > 0:
+            self.counts -= np.bincount(self.ring[start : start + old], minlength=len(self.counts))
+        self.ring[start : start + len(classes)] = classes
+        self.counts += np.bincount(classes, minlength=len(self.counts))
 
     @property
     def full(self) -> bool:
@@ -272,13 +276,13 @@ class Monitor:
         square = np.matmul(x[:, None, :], x[:, :, None]).ravel() / pixels.shape[1]
         self.brightness.observe(mean)
         self.contrast.observe(np.sqrt(np.maximum(square - mean * mean, 0)))
-        finite = np.isfinite(probs).all(axis=1)
+        top = probs.max(axis=1)  # NaN for a row with a NaN (inf: NaN after softmax)
+        finite = np.isfinite(top)
         if not finite.all():  # the answer is a 500 (Predictor.results): no statistic of it
             self.skipped["non_finite_probabilities"].inc(int((~finite).sum()))
-            probs = probs[finite]
+            probs, top = probs[finite], top[finite]
             if not len(probs):
                 return
-        top = probs.max(axis=1)
         self.confidence.observe(top)
         low = int((top < self.low).sum())
         if low:
