@@ -113,7 +113,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
         _, y = at(t_min, threshold)
         for x in range(int(px0), int(px1), 10):
             draw.line((x, y, min(x + 5, px1), y), fill="#e02f44", width=2)
-    for i, (name, values) in enumerate(series):
+    for i, (name, values) in reversed(list(enumerate(series))):  # the first drawn last, on top
         color = COLORS[i % len(COLORS)]
         run: list[tuple[float, float]] = []
         for t, v in [*values, (None, math.nan)]:  # a NaN (or the end) breaks the line
@@ -161,6 +161,9 @@ def render(
             for result in query_range(prometheus, expr, start, end, step):
                 values = [(float(t), float(v)) for t, v in result["values"]]
                 series.append((legend(target.get("legendFormat", ""), result["metric"]), values))
+        # the highest first: their colours and legend entries (topk over a range brings more
+        # series than k, one top k per step)
+        series.sort(key=lambda s: -max((v for _, v in s[1] if math.isfinite(v)), default=-math.inf))
         draw_panel(draw, box, panel, series)
         if any(math.isfinite(v) for _, values in series for _, v in values):
             with_data.append(panel["title"])
