@@ -3,6 +3,7 @@ with a class prior, a model without one, monitoring off, and two workers (multip
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 
@@ -13,7 +14,15 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gtsrb.classes import CLASS_NAMES, NUM_CLASSES
-from gtsrb.serve.monitoring import PSI_EPSILON, BatchHistogram, Monitor, Window, psi, usable_prior
+from gtsrb.serve.monitoring import (
+    FLUSH_IMAGES,
+    PSI_EPSILON,
+    BatchHistogram,
+    Monitor,
+    Window,
+    psi,
+    usable_prior,
+)
 from gtsrb.serve.uploads import decode
 from tests.serve.conftest import Server, make_onnx
 from tests.serve.monitoring_models import confident_model, prior_of, sign_png, stamp_prior
@@ -112,6 +121,8 @@ def test_monitoring_never_fails_a_prediction():
     probs = np.full((3, NUM_CLASSES), 1 / NUM_CLASSES)
     probs[1] = np.nan  # that answer will be a 500 (Predictor.results); the others are counted
     assert m.wrap(lambda x: probs)(images) is probs
+    assert value(samples(generate_latest(registry).decode()), "gtsrb_confidence_count") == 0  # kept
+    m.flush()
     found = samples(generate_latest(registry).decode())
     assert value(found, "gtsrb_monitoring_skipped_total", reason="non_finite_probabilities") == 1
     assert value(found, "gtsrb_monitoring_skipped_total", reason="no_class_prior") == 2
@@ -124,10 +135,38 @@ def test_monitoring_never_fails_a_prediction():
 
     m.observe = broken
     assert m.wrap(lambda x: probs)(images) is probs
+    m.flush()
     assert (
         value(samples(generate_latest(registry).decode()), "gtsrb_monitoring_skipped_total", reason="error")
         == 3
     )
+
+
+def test_passes_are_kept_and_taken_together():
+    """The statistics are taken once FLUSH_IMAGES images wait, on a timer and on demand."""
+    m, registry = monitor(prior=[1.0] * NUM_CLASSES, window=100)
+    model = m.wrap(lambda x: np.eye(NUM_CLASSES)[np.arange(len(x)) % NUM_CLASSES])
+    images = np.zeros((8, 32, 32, 3), np.uint8)
+
+    def count() -> float:
+        return value(samples(generate_latest(registry).decode()), "gtsrb_confidence_count")
+
+    for _ in range(FLUSH_IMAGES // 8 - 1):
+        model(images)
+    assert count() == 0
+    model(images)
+    assert count() == FLUSH_IMAGES
+
+    async def quiet_moment():
+        flusher = asyncio.create_task(m.flush_every(0.01))
+        model(images[:3])
+        m.observe_sides([30, 40])
+        await asyncio.sleep(0.2)
+        flusher.cancel()
+
+    asyncio.run(quiet_moment())
+    assert count() == FLUSH_IMAGES + 3
+    assert value(samples(generate_latest(registry).decode()), "gtsrb_input_side_pixels_sum") == 70
 
 
 def test_the_drift_gauge_waits_for_a_full_window():
@@ -275,7 +314,10 @@ def test_two_workers_sum_counts_and_export_the_worst_workers_drift(model, signs)
             time.sleep(0.2)
         answers = [httpx.post(server.url + "/predict", files={"file": ("d.png", dark)}) for _ in range(30)]
         assert {a.status_code for a in answers} == {200}  # a new connection each: both workers
-        found = metrics(server)
+        deadline = time.monotonic() + 10  # the other worker's monitoring flushes within 0.5 s
+        while value(found := metrics(server), "gtsrb_confidence_count") != 30:
+            assert time.monotonic() < deadline, value(found, "gtsrb_confidence_count")
+            time.sleep(0.1)
         assert (
             value(found, "gtsrb_confidence_count") == 30 and value(found, "gtsrb_low_confidence_total") == 30
         )

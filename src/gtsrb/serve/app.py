@@ -136,7 +136,10 @@ def create_app(predictor: Predictor, workers: int = 1):
         state["ready"] = True
         ready_metric.set(1)
         log.info("model %s ready (%s, %s)", predictor.version, predictor.runtime["kernels"], predictor.path)
+        flusher = asyncio.create_task(monitor.flush_every()) if monitor else None
         yield
+        if flusher:
+            flusher.cancel()
         ready_metric.set(0)
         process_stopped()  # with several workers: this one's live gauges go
         model_thread.shutdown(wait=False)
@@ -252,6 +255,8 @@ def create_app(predictor: Predictor, workers: int = 1):
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
+        if monitor:  # what this worker's monitoring keeps (the others': FLUSH_SECONDS at most)
+            monitor.flush()
         if multiprocess:  # every worker's counts (their files in that directory)
             every_worker = CollectorRegistry()
             MultiProcessCollector(every_worker)
