@@ -5,7 +5,9 @@ bootstrap 95% confidence interval from the raw timings, and the latency change i
 the OpenBLAS latency (negative: faster; the learning path divided by the wrong latency and
 printed 54.69% for a 45.3% reduction). Every runtime must predict the same classes as the
 baseline, in both framings: a share of disagreeing test images above ``compare.tolerance``
-fails the stage. A comparison of runs from different machines is flagged.
+fails the stage. A comparison of runs from different machines is flagged; an interval from fewer
+than MIN_TIMINGS timings is flagged rather than shown; and timings taken under emulation
+(machine.py) are never presented as a speed-up: compare.json then has none, and the report says why.
 
 Reads ``metrics/test-<runtime>/`` (details.json, timings.json, predictions.csv); writes
 ``metrics/compare.json`` (the speed-ups: headline figures) and ``reports/compare.md`` (the
@@ -25,7 +27,18 @@ from gtsrb.params import CompareParams
 from gtsrb.runtimes import LABELS, RUNTIMES
 
 MACHINE_KEYS = ("host", "cpu", "arch", "cores")
-RUNTIME_ROWS = ("kernels", "conv_kernel", "inference_path", "torch", "blas", "threads", "cpu", "arch")
+MIN_TIMINGS = 10  # fewer timed runs on either side: no interval (a bootstrap of 2 values says nothing)
+RUNTIME_ROWS = (
+    "kernels",
+    "conv_kernel",
+    "inference_path",
+    "torch",
+    "onnxruntime",
+    "blas",
+    "threads",
+    "cpu",
+    "arch",
+)
 
 
 def _read_json(path: Path) -> dict:
@@ -91,40 +104,33 @@ def compare(
             if key not in runs[r]["latency"]:
                 continue
             base_ms, new_ms = base_latency["median_ms"], runs[r]["latency"][key]["median_ms"]
+            few = min(len(timings[base][key]), len(timings[r][key])) < MIN_TIMINGS
             detail[r][key] = {
                 "base_median_ms": base_ms,
                 "median_ms": new_ms,
                 "speedup": round(base_ms / new_ms, 4),
-                "speedup_ci95": bootstrap_speedup(timings[base][key], timings[r][key], p.bootstrap, p.seed),
+                "speedup_ci95": None
+                if few
+                else bootstrap_speedup(timings[base][key], timings[r][key], p.bootstrap, p.seed),
+                "timings": min(len(timings[base][key]), len(timings[r][key])),
                 "latency_change_pct": round(latency_change_pct(base_ms, new_ms), 2),
             }
-    result = {"speedup": {r: {k: d["speedup"] for k, d in detail[r].items()} for r in others}}
+    emulated = [r for r in runtimes if runs[r]["runtime"].get("emulated")]
+    if emulated:  # accuracy and agreement hold under emulation; timings mean nothing
+        result: dict = {"emulated": True}
+    else:
+        result = {"speedup": {r: {k: d["speedup"] for k, d in detail[r].items()} for r in others}}
     same_machine = all(machine[r] == machine[base] for r in others)
     with atomic_file(report_path) as tmp:
-        tmp.write_text(report(detail, runs, machine, disagreement, same_machine, runtimes))
+        tmp.write_text(report(detail, runs, machine, disagreement, same_machine, runtimes, emulated))
     write_json(metrics_dir / "compare.json", result)
     return {**result, "detail": detail, "disagreement": disagreement, "same_machine": same_machine}
 
 
-def report(
-    detail: dict,
-    runs: dict,
-    machine: dict,
-    disagreement: dict[str, float],
-    same_machine: bool,
-    runtimes: tuple[str, ...],
-) -> str:
+def speed_table(detail: dict, runs: dict, runtimes: tuple[str, ...], name: dict[str, str]) -> list[str]:
+    """Median latency per runtime and batch size, and each speed-up over the baseline."""
     base = runtimes[0]
-    name = {r: LABELS.get(r, r) for r in runtimes}
-    lines = [f"# {' vs '.join(name.values())}", ""]
-    if not same_machine:
-        lines += [
-            "> **Warning: the test stages ran on different machines** "
-            f"({'; '.join(f'{r}: {machine[r]}' for r in runtimes)}); the speed-ups compare machines, "
-            "not runtimes.",
-            "",
-        ]
-    lines += [
+    lines = [
         f"Speed-up over {name[base]} (its median latency / the runtime's), with the bootstrap 95% interval:",
         "",
         "| batch | "
@@ -141,10 +147,44 @@ def report(
         ]
         for r in runtimes[1:]:
             d = detail[r].get(key)
-            cells.append(
-                f"{d['speedup']:.2f}x ({d['speedup_ci95'][0]:.2f}-{d['speedup_ci95'][1]:.2f}x)" if d else "-"
-            )
+            if d is None:
+                cells.append("-")
+            elif d["speedup_ci95"] is None:
+                cells.append(f"{d['speedup']:.2f}x (no interval: {d['timings']} timings)")
+            else:
+                cells.append(f"{d['speedup']:.2f}x ({d['speedup_ci95'][0]:.2f}-{d['speedup_ci95'][1]:.2f}x)")
         lines.append(f"| {key.removeprefix('batch_')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(
+    detail: dict,
+    runs: dict,
+    machine: dict,
+    disagreement: dict[str, float],
+    same_machine: bool,
+    runtimes: tuple[str, ...],
+    emulated: list[str] | None = None,
+) -> str:
+    base = runtimes[0]
+    name = {r: LABELS.get(r, r) for r in runtimes}
+    lines = [f"# {' vs '.join(name.values())}", ""]
+    if emulated:
+        lines += [
+            f"> **No speed-up: {', '.join(name[r] for r in emulated)} ran under emulation (qemu-user)**, "
+            "where timings are ~100x slower and not an Arm CPU's: they measure nothing. Accuracy, "
+            "agreement and the kernels that ran hold.",
+            "",
+        ]
+    if not same_machine:
+        lines += [
+            "> **Warning: the test stages ran on different machines** "
+            f"({'; '.join(f'{r}: {machine[r]}' for r in runtimes)}); the speed-ups compare machines, "
+            "not runtimes.",
+            "",
+        ]
+    if not emulated:
+        lines += speed_table(detail, runs, runtimes, name)
     lines += [
         "",
         "| | " + " | ".join(name.values()) + " |",

@@ -132,15 +132,17 @@ def framing_inputs(test: dict[str, np.ndarray], ckpt: dict) -> dict[str, torch.T
     return {f: models.preprocess(torch.from_numpy(test[key]), ckpt) for f, key in FRAMINGS.items()}
 
 
-def headline(accuracy: dict[str, float], macro_f1: float, latency: dict[str, dict]) -> dict:
+def headline(accuracy: dict[str, float], macro_f1: float, latency: dict[str, dict], emulated: bool) -> dict:
     """The figures `dvc exp show` and the PR report compare: accuracy per framing, macro F1 and,
-    per batch size, median and p99 latency, and images/s at the largest batch."""
+    per batch size, median and p99 latency, and images/s at the largest batch. Timings taken
+    under emulation are marked (``emulated: true``): they are not comparable with any other."""
     largest = max(latency, key=lambda k: int(k.removeprefix("batch_")))
     return {
         "accuracy": accuracy,
         "macro_f1": macro_f1,
         "latency": {k: {"median_ms": v["median_ms"], "p99_ms": v["p99_ms"]} for k, v in latency.items()},
         "images_per_s": latency[largest]["images_per_s"],
+        **({"emulated": True} if emulated else {}),
     }
 
 
@@ -160,7 +162,8 @@ def write_outputs(
     labels = test["labels"]
     framing_scores = {f: scores(labels, p) for f, p in predicted.items()}
     accuracy = {f: s["accuracy"] for f, s in framing_scores.items()}
-    metrics = headline(accuracy, framing_scores["roi"]["macro_f1"], details["latency"])
+    emulated = details["runtime"]["emulated"]
+    metrics = headline(accuracy, framing_scores["roi"]["macro_f1"], details["latency"], emulated)
     details = {
         "images": len(labels),
         "accuracy": accuracy,
@@ -207,7 +210,15 @@ def _torch(model_path: str | Path, backend: str, p: EvaluateParams) -> Loaded:
             loaded.fn(example[:1])
         runtime.update(inference_path=path, fallback=fallback)
 
-    loaded.ready, loaded.profile = ready, lambda x: profile(loaded.fn, x)
+    def profiled(x: torch.Tensor) -> tuple[str, str]:
+        """The profiler's table, and what oneDNN executed meanwhile: the stage's kernel label."""
+        with backends.onednn_log() as lines:
+            table, kernel = profile(loaded.fn, x)
+        found = backends.onednn_kernels(lines)
+        runtime.update(onednn_kernels=found, kernels=backends.kernels_label(found))
+        return table, kernel
+
+    loaded.ready, loaded.profile = ready, profiled
     return loaded
 
 

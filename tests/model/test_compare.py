@@ -104,3 +104,29 @@ def test_three_runtimes_against_the_baseline(tmp_path):
     header = next(line for line in md.splitlines() if line.startswith("| batch"))
     assert "ONNX Runtime median (ms)" in header and "ONNX Runtime speed-up (95% CI)" in header
     assert "| predictions differing from OpenBLAS | - | 0.00% | 0.00% |" in md
+
+
+def test_too_few_timings_give_no_interval(tmp_path):
+    write_run(tmp_path, "openblas", list(range(20)), 20.0)
+    write_run(tmp_path, "acl", list(range(20)), 10.0)
+    timings = tmp_path / "test-acl" / "timings.json"
+    times = json.loads(timings.read_text())
+    timings.write_text(json.dumps({**times, "batch_64": times["batch_64"][:3]}))
+    result = compare(tmp_path, tmp_path / "compare.md", PARAMS, TWO)
+    assert result["detail"]["acl"]["batch_64"]["speedup_ci95"] is None
+    assert "(no interval: 3 timings)" in (tmp_path / "compare.md").read_text()
+
+
+def test_timings_under_emulation_are_never_a_speed_up(tmp_path):
+    """A run on qemu-user (the aarch64 leg): agreement is checked, no speed-up is reported."""
+    write_run(tmp_path, "openblas", list(range(20)), 2000.0)
+    write_run(tmp_path, "acl", list(range(20)), 1000.0)
+    details = tmp_path / "test-acl" / "details.json"
+    run = json.loads(details.read_text())
+    run["runtime"]["emulated"] = True
+    details.write_text(json.dumps(run))
+    result = compare(tmp_path, tmp_path / "compare.md", PARAMS, TWO)
+    assert json.loads((tmp_path / "compare.json").read_text()) == {"emulated": True}
+    md = (tmp_path / "compare.md").read_text()
+    assert "No speed-up: oneDNN + ACL ran under emulation" in md
+    assert "speed-up (95% CI)" not in md and "2.00x" not in md and result["disagreement"] == {"acl": 0.0}

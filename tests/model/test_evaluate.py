@@ -146,3 +146,53 @@ def test_onnxruntime_is_measured_by_the_same_harness(project):
     profile = (project / "metrics/test-onnxruntime/profile.txt").read_text()
     assert runtime["conv_kernel"] in profile and ("Gemm" in profile or "MatMul" in profile)
     assert (project / "reports/test-onnxruntime/errors.png").is_file()
+
+
+def test_kernels_are_named_from_what_onednn_executed(project):
+    """The label comes from oneDNN's verbose log of the profiled pass, not from the build."""
+    lines = {}
+    for backend in ("openblas", "acl"):
+        run(backend)
+        lines[backend] = json.loads((project / f"metrics/test-{backend}/details.json").read_text())["runtime"]
+    assert (
+        lines["openblas"]["onednn_kernels"] == {}
+        and "no oneDNN primitive ran" in lines["openblas"]["kernels"]
+    )
+    assert "convolution" in lines["acl"]["onednn_kernels"]
+    impl = lines["acl"]["onednn_kernels"]["convolution"][0]
+    assert impl in lines["acl"]["kernels"] and "no ACL" in lines["acl"]["kernels"]  # x86 here
+
+
+def test_onednn_verbose_lines_are_read_for_every_log_format():
+    from gtsrb.backends import kernels_label, onednn_kernels
+
+    log = [
+        "onednn_verbose,v1,info,oneDNN v3.12.0",
+        "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src:f32",
+        "onednn_verbose,v1,primitive,exec,cpu,convolution,brgconv:sve_512,forward_inference,src:f32",
+        "onednn_verbose,primitive,exec,cpu,inner_product,gemm:acl,forward_inference,src:f32",  # oneDNN 3.3
+        "onednn_verbose,primitive,exec,cpu,convolution,gemm:acl,forward_inference,src:f32",
+        "some other line, exec, cpu",
+    ]
+    found = onednn_kernels(log)
+    assert found == {"convolution": ["brgconv:sve_512", "gemm:acl"], "inner_product": ["gemm:acl"]}
+    assert kernels_label(found).startswith(
+        "oneDNN + Arm Compute Library (convolution brgconv:sve_512/gemm:acl"
+    )
+    assert (
+        kernels_label({"convolution": ["brgconv:sve_512"]})
+        == "oneDNN's own kernels, no ACL (convolution brgconv:sve_512)"
+    )
+
+
+def test_emulation_is_said_and_marks_the_timings(project, monkeypatch):
+    monkeypatch.setenv("GTSRB_EMULATED", "1")
+    monkeypatch.setenv("QEMU_CPU", "neoverse-n1")
+    metrics = run()
+    assert metrics["emulated"] is True
+    runtime = json.loads((project / "metrics/test-openblas/details.json").read_text())["runtime"]
+    assert runtime["emulated"] is True and runtime["cpu"].startswith(
+        "qemu-user neoverse-n1 CPU model, emulated on "
+    )
+    monkeypatch.delenv("GTSRB_EMULATED")
+    assert "emulated" not in run()

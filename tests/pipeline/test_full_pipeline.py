@@ -45,6 +45,7 @@ ONNX_RUNTIME_KEYS = {
     "cpu",
     "cores",
     "host",
+    "emulated",
 }
 MAX_COLUMNS = 40
 RUNTIME_KEYS = {
@@ -63,6 +64,8 @@ RUNTIME_KEYS = {
     "inference_path",
     "fallback",
     "conv_kernel",
+    "onednn_kernels",
+    "emulated",
 }
 
 
@@ -118,6 +121,10 @@ def test_repro_end_to_end(dvc_repo, params):
     for name in ("openblas", "acl"):  # params.yaml's path ran on both backends, with no fallback
         assert (runs[name]["runtime"]["inference_path"], runs[name]["runtime"]["fallback"]) == ("compile", "")
     assert runs["acl"]["runtime"]["conv_kernel"] == "aten::mkldnn_convolution"
+    assert (
+        "convolution" in runs["acl"]["runtime"]["onednn_kernels"]
+        and not runs["openblas"]["runtime"]["onednn_kernels"]
+    )
     assert runs["openblas"]["runtime"]["conv_kernel"] != "aten::mkldnn_convolution"
 
     # Every runtime predicts the same classes.
