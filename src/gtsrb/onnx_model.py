@@ -136,6 +136,8 @@ def read(path: str | Path, threads: int = 0, optimization: str = "all") -> OnnxM
         import onnxruntime as ort
     except ImportError as exc:
         raise GtsrbError(f"{path}: reading an ONNX model needs {exc.name}: {INSTALL_HINT}") from None
+    # no telemetry: nothing leaves the machine (and a read-only root logged a failure to persist it)
+    getattr(ort, "disable_telemetry_events", lambda: None)()
     path = Path(path)
     if not path.is_file():
         raise GtsrbError(f"{path}: ONNX model not found; run `dvc repro export` or `dvc pull {path}`")
