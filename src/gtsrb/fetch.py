@@ -78,6 +78,8 @@ def _download_once(url: str, dest: Path, timeout: float) -> str:
         ) from None
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, FileNotFoundError):  # a file:// mirror: nothing to retry
+            raise GtsrbError(f"{url}: no such file; check fetch.url in params.yaml") from None
         raise _Transient(str(reason) or type(exc).__name__) from exc
     return digest.hexdigest()
 

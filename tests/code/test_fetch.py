@@ -94,3 +94,21 @@ def test_truncated_download_without_retries_fails_cleanly(tmp_path, previous, ar
     archive_server.faults[archives.TRAIN] = ["truncate"]
     fails(tmp_path, params, r"after 1 attempt\(s\): connection closed after \d+ of \d+ bytes")
     assert tree_digest(tmp_path / "raw") == before
+
+
+def test_a_local_folder_is_a_mirror_too(tmp_path, params):
+    """fetch.url=file:///folder/ (how bench/real_gtsrb.sh runs the pipeline on a copy of the
+    archives): the same checks, and a missing file fails at once, naming it."""
+    folder = tmp_path / "mirror"
+    md5s = archives.build().write(folder)
+    params["fetch"]["url"] = folder.as_uri() + "/"
+    for archive in params["fetch"]["archives"].values():
+        archive["md5"] = md5s[archive["name"]]
+    paths = fetch(load(tmp_path, params), tmp_path / "raw")
+    assert all(p.read_bytes() == (folder / p.name).read_bytes() for p in paths)
+    (folder / archives.TEST_GT).unlink()
+    params["fetch"]["retries"] = 4  # not retried: the first attempt says it all
+    with pytest.raises(
+        GtsrbError, match=rf"file://.*/mirror/{archives.TEST_GT}: no such file; check fetch.url"
+    ):
+        fetch(load(tmp_path, params), tmp_path / "raw2", backoff=60)
