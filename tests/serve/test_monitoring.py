@@ -234,8 +234,8 @@ def test_metrics_of_one_worker(model, signs):
         assert value(found, "gtsrb_drift_window_predictions") == 86
         assert value(found, "gtsrb_input_side_pixels_count") == 86
         assert value(found, "gtsrb_input_side_pixels_sum") == 86 * 48
-        inputs = np.stack([decode(image, 32, 10**6) for image, _ in normal]).astype(np.float64)
-        means = inputs.mean(axis=(1, 2, 3))
+        inputs = np.stack([decode(image, 32, 10**6) for image, _ in normal]).astype(np.float64)[:, ::2]
+        means = inputs.mean(axis=(1, 2, 3))  # of every other row (monitoring.py)
         assert value(found, "gtsrb_input_brightness_sum") == pytest.approx(means.sum(), rel=1e-5)
         assert value(found, "gtsrb_input_contrast_sum") == pytest.approx(
             inputs.std(axis=(1, 2, 3)).sum(), rel=1e-3

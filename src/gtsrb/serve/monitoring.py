@@ -10,7 +10,8 @@ Every metric is labelled ``model_version``:
 - ``gtsrb_input_side_pixels`` (histogram): the shorter side of each uploaded image (of its
   region of interest when one is given), in pixels, before resizing.
 - ``gtsrb_input_brightness``, ``gtsrb_input_contrast`` (histograms): the mean and the standard
-  deviation of the resized uint8 model input (0-255, over all its pixels and channels).
+  deviation of the resized uint8 model input (0-255, over the channels of every other row of
+  its pixels: within ~1 of all of them on drawn signs, for half the cost).
 - ``gtsrb_drift_psi`` (gauge): the population stability index of the classes predicted over
   the last ``--drift-window`` answers against the training set's class prior (the model's
   ``class_prior``), sum over classes of (a - e) ln(a / e), each share at least PSI_EPSILON.
@@ -309,14 +310,15 @@ class Monitor:
             self.flush()
 
     def observe(self, images: np.ndarray, probs: np.ndarray) -> None:
-        """One forward pass: uint8 images [N, S, S, 3] and their class probabilities [N, C]."""
-        pixels = images.reshape(len(images), -1)
-        if self.ones is None or len(self.ones) != pixels.shape[1]:
-            self.ones = np.ones(pixels.shape[1], np.float32)
-        x = pixels.astype(np.float32)
+        """The statistics of uint8 images [N, S, S, 3] and their class probabilities [N, C]."""
+        # every other row (one strided conversion: 40 us for 64 images instead of 80)
+        x = np.asarray(images[:, ::2], np.float32).reshape(len(images), -1)
+        values = x.shape[1]
+        if self.ones is None or len(self.ones) != values:
+            self.ones = np.ones(values, np.float32)
         # E[x] and E[x^2] by BLAS (float32: std to ~0.3 of 255 for a flat image: enough here)
-        mean = (x @ self.ones) / pixels.shape[1]
-        square = np.matmul(x[:, None, :], x[:, :, None]).ravel() / pixels.shape[1]
+        mean = (x @ self.ones) / values
+        square = np.matmul(x[:, None, :], x[:, :, None]).ravel() / values
         self.brightness.observe(mean)
         self.contrast.observe(np.sqrt(np.maximum(square - mean * mean, 0)))
         top = probs.max(axis=1)  # NaN for a row with a NaN (inf: NaN after softmax)
