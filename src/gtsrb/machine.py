@@ -1,10 +1,10 @@
 """Where a measurement runs: architecture, CPU model, cores, host, and whether it is emulated.
 No torch here (the server that runs ONNX Runtime reports it too).
 
-Under qemu-user (the aarch64 leg of CI: .ci/provision-arm64) a process sees aarch64 but the
-host's /proc/cpuinfo: that, or GTSRB_EMULATED=1 (which the leg sets, in case an Arm-format
-cpuinfo was bound over the host's), marks the run as emulated, and its timings as meaning
-nothing: 100x slower, and not an Arm CPU's.
+Under qemu-user (the aarch64 leg of CI: .ci/provision-arm64) a process is told aarch64 by uname
+and shown an Arm /proc/cpuinfo, but /proc/sys/kernel/arch still names the host's kernel: that
+mismatch (or GTSRB_EMULATED=1) marks the run as emulated, and its timings as meaning nothing:
+~100x slower, and not an Arm CPU's.
 """
 
 from __future__ import annotations
@@ -38,11 +38,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def kernel_arch() -> str:
+    """The running kernel's architecture, which qemu-user does not translate (uname does)."""
+    try:
+        return Path("/proc/sys/kernel/arch").read_text().strip()
+    except OSError:
+        return ""
+
+
 def emulated() -> bool:
     """Whether this process runs under qemu-user on another architecture."""
     if os.environ.get("GTSRB_EMULATED") == "1":
         return True
-    if platform.machine() not in ("aarch64", "arm64"):
+    arch, kernel = platform.machine(), kernel_arch()
+    normal = {"arm64": "aarch64"}
+    if kernel:
+        return normal.get(kernel, kernel) != normal.get(arch, arch)
+    if arch not in ("aarch64", "arm64"):  # no /proc/sys/kernel/arch (old kernels): the CPU says
         return False
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -52,10 +64,12 @@ def emulated() -> bool:
 
 
 def machine() -> dict:
-    """Where a measurement runs; under emulation the CPU is named for what it is."""
+    """Where a measurement runs; under emulation the CPU is named for what it is (qemu shows
+    an Arm /proc/cpuinfo of the CPU model it emulates, not the host's)."""
     cpu, emulation = cpu_model(), emulated()
     if emulation:
-        cpu = f"qemu-user {os.environ.get('QEMU_CPU', 'default')} CPU model, emulated on {cpu}"
+        model = os.environ.get("QEMU_CPU", "its default")
+        cpu = f"qemu-user {platform.machine()} ({model} CPU model, cpuinfo: {cpu}) on a {kernel_arch() or 'foreign'} host"
     return {
         "arch": platform.machine(),
         "cpu": cpu,

@@ -192,7 +192,7 @@ def test_emulation_is_said_and_marks_the_timings(project, monkeypatch):
     assert metrics["emulated"] is True
     runtime = json.loads((project / "metrics/test-openblas/details.json").read_text())["runtime"]
     assert runtime["emulated"] is True and runtime["cpu"].startswith(
-        "qemu-user neoverse-n1 CPU model, emulated on "
+        "qemu-user x86_64 (neoverse-n1 CPU model, "
     )
     monkeypatch.delenv("GTSRB_EMULATED")
     assert "emulated" not in run()
