@@ -7,8 +7,9 @@
 unset) in this process's modules, then builds the worker's app exactly as `gtsrb serve
 --workers N` does (``workers.worker_app``). Only this bench reads that variable; the server's
 code is not changed. Every variant runs at once on its own port (idle ones cost nothing),
-and each round sends each load to every variant in turn. A part "pays" when switching it off
-costs throughput: a gain of at least 2% on a load, with every round agreeing.
+and each round sends each load to every variant in turn. A part pays on a load when
+switching it off costs throughput there: a gain of at least 2%, with every round agreeing
+(and costs, the other way round); a part that pays on neither load is flagged.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 OFF_ENV = "GTSRB_BENCH_OFF"
@@ -232,48 +232,29 @@ def start(model: Path, off: str | None, workers: int, metrics_dir: Path):
     if off:
         env[OFF_ENV] = off
     port = serve_load.free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "http_parts:app",
-        "--factory",
-        "--app-dir",
-        str(Path(__file__).parent),
-    ]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--no-access-log"]
+    cmd = serve_load.uvicorn_command("http_parts:app", port, workers, "--factory")
     return serve_load.launch(cmd, port, workers, env)
 
 
 def ab_runs(model: Path, parts: list[str], repeats: int, seconds: float, workers: int = 2) -> dict:
     """Each part off against all on, every load, ``repeats`` interleaved rounds."""
     import serve_load
-    from common import log, spread
+    from common import log
 
     variants = [ON, *parts]
     loads = (serve_load.PREDICT_C8, serve_load.BATCH_64_C8)
-    runs: dict[str, dict[str, list[dict]]] = {v: {spec[0]: [] for spec in loads} for v in variants}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        urls = {}
+        servers = {}
         for v in variants:
             log(f"A/B: starting the server with {'every part on' if v == ON else v + ' off'}")
-            server, urls[v] = start(
-                model, None if v == ON else v, workers, Path(tmp) / f"metrics-{len(urls)}"
-            )
-            stack.callback(serve_load.stop, server)
-        for r in range(repeats):
-            log(f"A/B round {r + 1}/{repeats}: {len(variants)} servers, {len(loads)} loads")
-            for spec in loads:
-                for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                    time.sleep(0.5)  # the last load's requests finish first
-                    runs[v][spec[0]].append(serve_load.load(urls[v], spec, seconds))
+            servers[v] = start(model, None if v == ON else v, workers, Path(tmp) / f"metrics-{len(servers)}")
+            stack.callback(serve_load.stop, servers[v][0])
+        log("A/B: each part off against all on")
+        runs = serve_load.interleaved(servers, loads, repeats, seconds)
     rate = {"predict_c8": "requests_per_s", "predict_batch_64_c8": "images_per_s"}
     result = {"load_generator": serve_load.load_generator(), "workers": workers, "variants": {}, "parts": {}}
     for v in variants:
-        result["variants"][v] = {
-            key: {"rate": spread([x[rate[key]] for x in rs]), "errors": sum(x["errors"] for x in rs)}
-            for key, rs in runs[v].items()
-        }
+        result["variants"][v] = {key: serve_load.summary(rs) for key, rs in runs[v].items()}
     for part in parts:
         gains = {}
         for key in rate:
@@ -281,18 +262,35 @@ def ab_runs(model: Path, parts: list[str], repeats: int, seconds: float, workers
             off = [x[rate[key]] for x in runs[part][key]]
             by_round = [a / b - 1 for a, b in zip(on, off, strict=True)]
             gains[key] = {
-                "median": result["variants"][ON][key]["rate"]["median"]
-                / max(1e-9, result["variants"][part][key]["rate"]["median"])
+                "median": result["variants"][ON][key][rate[key]]["median"]
+                / max(1e-9, result["variants"][part][key][rate[key]]["median"])
                 - 1,
                 "rounds": by_round,
             }
-        pays = any(g["median"] >= PAYS and min(g["rounds"]) > 0 for g in gains.values())
-        costs = all(g["median"] <= -PAYS for g in gains.values())
-        result["parts"][part] = {
-            "gain": gains,
-            "verdict": "pays" if pays else "costs" if costs else "no gain measured",
-        }
+        signs = {key: _sign(g) for key, g in gains.items()}
+        result["parts"][part] = {"gain": gains, "verdict": _verdict(signs)}
     return result
+
+
+def _sign(gain: dict) -> int:
+    """+1: the part pays on this load (PAYS or more, every round a gain), -1: it costs (as
+    much, every round a loss), 0: neither."""
+    if gain["median"] >= PAYS and min(gain["rounds"]) > 0:
+        return 1
+    if gain["median"] <= -PAYS and max(gain["rounds"]) < 0:
+        return -1
+    return 0
+
+
+def _verdict(signs: dict[str, int]) -> str:
+    loads = {"predict_c8": "/predict", "predict_batch_64_c8": "/predict/batch"}
+    pays = [loads[k] for k, s in signs.items() if s > 0]
+    costs = [loads[k] for k, s in signs.items() if s < 0]
+    if pays and costs:
+        return f"mixed: pays on {', '.join(pays)}, costs on {', '.join(costs)}"
+    if pays:
+        return "pays"
+    return "costs" if costs else "no gain measured"
 
 
 def report(ab: dict) -> str:
@@ -302,9 +300,11 @@ def report(ab: dict) -> str:
     on = ab["variants"][ON]
     lines = [
         f"Each part off against the server as it is (every part on: /predict "
-        f"{fmt(on['predict_c8']['rate'])} requests/s, /predict/batch {fmt(on['predict_batch_64_c8']['rate'])} "
-        f"images/s), {ab['workers']} workers, concurrency 8, load from {ab['load_generator']}; "
-        "gain = on / off - 1, medians (each round's in brackets).",
+        f"{fmt(on['predict_c8']['requests_per_s'])} requests/s, /predict/batch "
+        f"{fmt(on['predict_batch_64_c8']['images_per_s'])} images/s), {ab['workers']} workers, concurrency 8, load from {ab['load_generator']}; "
+        "gain = on / off - 1, medians (each round's in brackets); CPU/request: how much more "
+        "CPU time the server spent per request with the part off (all its processes; other "
+        "load on the machine disturbs it less than the rates).",
         "",
         "| part | where | what | gain claimed (model on torch) | /predict gain now | /predict/batch gain now | verdict |",
         "|---|---|---|---|---:|---:|---|",
@@ -316,7 +316,11 @@ def report(ab: dict) -> str:
             g = r["gain"][key]
             rounds = ", ".join(f"{x:+.0%}" for x in g["rounds"])
             errors = ab["variants"][name][key]["errors"]
-            cells.append(f"{g['median']:+.1%} ({rounds})" + (f", {errors} errors" if errors else ""))
+            cpu_on, cpu_off = (ab["variants"][v][key]["cpu_us_per_request"]["median"] for v in (ON, name))
+            cells.append(
+                f"{g['median']:+.1%} ({rounds}); CPU/request {cpu_off / cpu_on - 1:+.0%}"
+                + (f", {errors} errors" if errors else "")
+            )
         verdict = r["verdict"] if r["verdict"] == "pays" else f"**{r['verdict']}**"
         lines.append(
             f"| {name} | {part.where} | {part.what} | {part.claimed} | {cells[0]} | {cells[1]} | {verdict} |"

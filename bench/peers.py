@@ -191,7 +191,7 @@ def build(
             ckpt_path, trained = given[arch]
         else:
             log(f"models: training {arch} for {epochs} epoch(s) on {prepared}")
-            ckpt_path, trained = out / "model.pt", f"default recipe, {epochs} epoch(s) on {prepared.name}"
+            ckpt_path, trained = out / "model.pt", f"trained here: default recipe, {epochs} epoch(s)"
             train(prepared, ckpt_path, out / "live", dataclasses.replace(recipe, arch=arch, epochs=epochs))
         net, ckpt = models.load_checkpoint(ckpt_path)
         if test["images"].shape[1] != ckpt["image_size"]:
@@ -312,59 +312,28 @@ def server_runs(b: Built, repeats: int, seconds: float, workers: int = 2) -> dic
     import serve_load
 
     loads = (serve_load.PREDICT_C8, serve_load.BATCH_64_C8)
-    runs: dict[str, dict[str, list[dict]]] = {s: {spec[0]: [] for spec in loads} for s in SERVERS}
     with contextlib.ExitStack() as stack:
-        urls = {}
+        servers = {}
         log(f"server: starting {', '.join(SERVERS)}, {workers} workers each")
         for name in SERVERS:
             if name == SERVERS[0]:
-                server, url = serve_load.start(b.onnx, "compile", workers, "onnxruntime")
+                servers[name] = serve_load.start(b.onnx, "compile", workers, "onnxruntime")
             elif name == SERVERS[1]:
-                server, url = serve_load.start(b.checkpoint, "compile", workers, "torch")
+                servers[name] = serve_load.start(b.checkpoint, "compile", workers, "torch")
             else:
                 port = serve_load.free_port()
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "fastapi_peer:app",
-                    "--app-dir",
-                    str(Path(__file__).parent),
-                ]
-                cmd += [
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    str(workers),
-                    "--no-access-log",
-                ]
-                server, url = serve_load.launch(
-                    cmd, port, workers, {**os.environ, "GTSRB_PEER_MODEL": str(b.onnx)}
-                )
-            stack.callback(serve_load.stop, server)
-            urls[name] = url
-        for r in range(repeats):
-            log(f"server round {r + 1}/{repeats} ({serve_load.load_generator()})")
-            for spec in loads:
-                for name in SERVERS[r % len(SERVERS) :] + SERVERS[: r % len(SERVERS)]:
-                    time.sleep(0.5)  # the last load's requests finish first
-                    runs[name][spec[0]].append(serve_load.load(urls[name], spec, seconds))
+                cmd = serve_load.uvicorn_command("fastapi_peer:app", port, workers)
+                env = {**os.environ, "GTSRB_PEER_MODEL": str(b.onnx)}
+                servers[name] = serve_load.launch(cmd, port, workers, env)
+            stack.callback(serve_load.stop, servers[name][0])
+        log("server: ours against its peers")
+        runs = serve_load.interleaved(servers, loads, repeats, seconds)
     return {
         "arch": b.arch,
         "workers": workers,
         "load_generator": serve_load.load_generator(),
         "servers": {
-            name: {
-                key: {
-                    "requests_per_s": spread([x["requests_per_s"] for x in rs]),
-                    "images_per_s": spread([x["images_per_s"] for x in rs]),
-                    "p99_ms": spread([x["p99_ms"] for x in rs]),
-                    "errors": sum(x["errors"] for x in rs),
-                }
-                for key, rs in by_load.items()
-            }
+            name: {key: serve_load.summary(rs) for key, rs in by_load.items()}
             for name, by_load in runs.items()
         },
     }
@@ -484,15 +453,24 @@ def report(r: dict) -> str:
     for key, label, figure in (
         ("predict_c8", "/predict, requests/s", "requests_per_s"),
         ("predict_batch_64_c8", "/predict/batch (64 images), images/s", "images_per_s"),
+        ("predict_c8", "/predict, server CPU per request, us (ratios: times less)", "cpu_us_per_request"),
+        (
+            "predict_batch_64_c8",
+            "/predict/batch (64 images), server CPU per request, us (ratios: times less)",
+            "cpu_us_per_request",
+        ),
     ):
         cells = []
         for srv in (ours, torch_srv, peer):
             errors = srv[key]["errors"]
-            cells.append(fmt(srv[key][figure]) + (f" ({errors} errors)" if errors else ""))
+            shown = errors and figure != "cpu_us_per_request"
+            cells.append(fmt(srv[key][figure]) + (f" ({errors} errors)" if shown else ""))
         rate = lambda srv, key=key, figure=figure: srv[key][figure]["median"]  # noqa: E731
-        lines.append(
-            f"| {label} | {' | '.join(cells)} | {rate(ours) / rate(torch_srv):.2f}x | {rate(ours) / rate(peer):.2f}x |"
-        )
+        if figure == "cpu_us_per_request":  # less is better: the ratio says how many times less
+            ratios = (rate(torch_srv) / rate(ours), rate(peer) / rate(ours))
+        else:
+            ratios = (rate(ours) / rate(torch_srv), rate(ours) / rate(peer))
+        lines.append(f"| {label} | {' | '.join(cells)} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
     if "http_parts" in r:
         import http_parts
 

@@ -12,6 +12,7 @@ server's own Predictor, so the same backend and inference path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import json
@@ -176,6 +177,55 @@ def load(url: str, spec: tuple, seconds: float) -> dict:
     if shutil.which("wrk"):
         return wrk_burst(url + path, body, content_type, concurrency, seconds, images)
     return burst(url + path, lambda i: (files, images), concurrency, seconds)
+
+
+def server_load(server: subprocess.Popen, url: str, spec: tuple, seconds: float) -> dict:
+    """``load``, and the CPU time the server (all its processes) spent per request meanwhile:
+    ``cpu_us_per_request``, which other load on the machine disturbs less than the rate."""
+    import psutil
+
+    def cpu() -> float:
+        root = psutil.Process(server.pid)
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += sum(process.cpu_times()[:2])  # user + system
+        return total
+
+    before = cpu()
+    result = load(url, spec, seconds)
+    return result | {"cpu_us_per_request": 1e6 * (cpu() - before) / max(1, result["requests"])}
+
+
+def interleaved(servers: dict[str, tuple], loads: tuple, repeats: int, seconds: float) -> dict:
+    """``server_load`` of each of ``loads`` on each of ``servers`` (name -> (process, url)), in
+    turn, the order rotated each round, for ``repeats`` rounds: name -> load key -> results."""
+    from common import log
+
+    names = list(servers)
+    runs: dict[str, dict[str, list[dict]]] = {name: {spec[0]: [] for spec in loads} for name in names}
+    for r in range(repeats):
+        log(f"round {r + 1}/{repeats}: {len(names)} servers, {len(loads)} loads ({load_generator()})")
+        for spec in loads:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                time.sleep(0.5)  # the last load's requests finish first
+                runs[name][spec[0]].append(server_load(*servers[name], spec, seconds))
+    return runs
+
+
+def summary(runs: list[dict]) -> dict:
+    """Median (min-max) of each figure of ``server_load`` results, and their errors."""
+    from common import spread
+
+    figures = ("requests_per_s", "images_per_s", "p99_ms", "cpu_us_per_request")
+    return {f: spread([x[f] for x in runs]) for f in figures} | {"errors": sum(x["errors"] for x in runs)}
+
+
+def uvicorn_command(app: str, port: int, workers: int, *options: str) -> list[str]:
+    """uvicorn serving ``app`` (module:attribute, a module of bench/) on ``port`` of 127.0.0.1."""
+    here = str(Path(__file__).resolve().parent)
+    cmd = [sys.executable, "-m", "uvicorn", app, "--app-dir", here, "--host", "127.0.0.1"]
+    return [*cmd, "--port", str(port), "--workers", str(workers), "--no-access-log", *options]
 
 
 def load_generator() -> str:
