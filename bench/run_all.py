@@ -1,9 +1,11 @@
 """Every performance figure of the project in one run, each next to its baseline from this run.
 
-    python bench/run_all.py [--repeats 3] [--out bench]
+    python bench/run_all.py [--repeats 3] [--out bench] [--prepared data/prepared]
+    python bench/run_all.py --repeats 1 --seconds 0.2 --server-seconds 1 --epochs 1 --out /tmp/smoke
 
-Writes ``results.json`` (every run's numbers) and ``results.md`` (the table in README.md):
-medians of ``--repeats`` runs with their min-max spread. About 13 minutes on 2 cores.
+Writes ``results.json`` (every run's numbers) and ``results.md`` (the tables in README.md):
+medians of ``--repeats`` runs with their min-max spread. About 30 minutes on 2 cores (13 for
+1-5, 17 for 6); the second line is a smoke run of every code path (numbers meaning nothing).
 
 1. Inference at batch 64 and 1: the learning path's eager code (a fresh process, NCHW, the
    model as trained, nothing tuned: how its test script runs) against the path `gtsrb evaluate`
@@ -18,7 +20,14 @@ medians of ``--repeats`` runs with their min-max spread. About 13 minutes on 2 c
    images) at concurrency 8, and /predict/batch at 2 for reference, loaded by wrk (the Python
    load generator of serve_load.py if wrk is missing), against the bare model's batch-1 and
    batch-64 throughput through the server's own Predictor in a fresh process.
+   The server runs the checkpoint (`--runtime torch`, compile path), as when these were set.
 5. `dvc repro` with nothing changed, in a temp repo holding the pipeline; prepare's decoding.
+6. What we serve against every peer (peers.py, its own section): ONNX Runtime as the server
+   runs it against eager PyTorch, our torch path and ONNX Runtime's defaults for each
+   architecture at batch 1 and 64 (and int8 for reference); the server on ONNX Runtime against
+   itself on torch and an idiomatic FastAPI app, 2 workers at concurrency 8; and the A/B of
+   each hand-written HTTP part (http_parts.py). ``--prepared`` (e.g. the real development set,
+   prepared) replaces the synthetic set there, for int8's accuracy change.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,31 +50,26 @@ import yaml
 from gtsrb import backends, models
 from gtsrb import params as P
 from gtsrb.evaluate import latency, predict
-from gtsrb.prepare import load_split, prepare
-from gtsrb.synthetic import write_archives
+from gtsrb.machine import cpu_model
+from gtsrb.prepare import load_split
 from gtsrb.train import channel_stats, evaluate_split, train
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from tests.conftest import make_pipeline_repo  # noqa: E402  (the tests' pipeline repo, made alike)
 
+import http_parts  # noqa: E402
+import peers  # noqa: E402
 import serve_load  # noqa: E402
+from common import ROOT, fmt, log, spread, synthetic_prepared  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PROBE_EVERY = 10  # steps between test-accuracy probes of our recipe (~0.2 s of training)
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+SECTIONS = ("training", "inference", "server", "dvc", "prepare", "peers")
 
 
 # 1-2. Inference, one fresh process per measurement -------------------------------------------
 
 
-def inference_child(ckpt_path: str, path: str, test_path: str) -> None:
+def inference_child(ckpt_path: str, path: str, test_path: str, seconds: str) -> None:
     """Run in a fresh process: predict the test set in batches of 64 (as the learning path's test
     loader does), compare with eager's predictions, then time batch 64 and batch 1."""
     import warnings
@@ -87,12 +90,12 @@ def inference_child(ckpt_path: str, path: str, test_path: str) -> None:
     same = int((predict(fn, x, 64) == predict(model, x, 64)).sum())
     out = {"path": ran, "same_predictions": same, "images": len(x)}
     for batch in (64, 1):
-        summary, _ = latency(fn, x[:batch].clone(), 1.5, 10, torch.get_num_threads())
+        summary, _ = latency(fn, x[:batch].clone(), float(seconds), 10, torch.get_num_threads())
         out[f"batch_{batch}_ms"] = summary["median_ms"]
     print(json.dumps(out))
 
 
-def inference_runs(cases: dict[str, tuple[Path, str]], test_path: Path, repeats: int) -> dict:
+def inference_runs(cases: dict[str, tuple[Path, str]], test_path: Path, repeats: int, seconds: float) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in cases}
     for r in range(repeats):
         for name, (ckpt, path) in cases.items():  # interleaved rounds: drift hits every case alike
@@ -102,7 +105,15 @@ def inference_runs(cases: dict[str, tuple[Path, str]], test_path: Path, repeats:
             # happened to free first (the baseline then jumps between ~5 and ~19 ms).
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if path == "learning path" else None
             out = subprocess.run(
-                [sys.executable, __file__, "--inference-child", str(ckpt), path, str(test_path)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--inference-child",
+                    str(ckpt),
+                    path,
+                    str(test_path),
+                    str(seconds),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -199,46 +210,31 @@ def training_runs(prepared: Path, out: Path, repeats: int) -> dict:
 # 4. Server ---------------------------------------------------------------------------------
 
 
-# The loads on the server: (result key, path, field, images per request, concurrency). The
-# issue's concurrency is 8; /predict/batch at 2 shows what few keep-alive clients get.
+# The loads on the server (serve_load.PREDICT_C8's form). The issue's concurrency is 8;
+# /predict/batch at 2 shows what few keep-alive clients get.
 LOADS = (
-    ("predict_c8", "/predict", "file", 1, 8),
-    ("predict_batch_64_c8", "/predict/batch", "files", 64, 8),
+    serve_load.PREDICT_C8,
+    serve_load.BATCH_64_C8,
     ("predict_batch_64_c2", "/predict/batch", "files", 64, 2),
 )
 
 
 def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, ...] = (1, 2)) -> dict:
-    pngs = [serve_load.sign_png(i) for i in range(64)]
-    use_wrk = shutil.which("wrk") is not None
-    # each load's request: (body, content type) for wrk, the files for Python clients
-    bodies = {key: serve_load.multipart(field, pngs[:images]) for key, _, field, images, _ in LOADS}
-    files = {
-        key: [(field, (f"{i}.png", p)) for i, p in enumerate(pngs[:images])]
-        for key, _, field, images, _ in LOADS
-    }
+    use_wrk = serve_load.load_generator() == "wrk"
     by_workers = {}
     for n in workers:
-        rows: dict[str, list[dict]] = {key: [] for key, *_ in LOADS}
-        server, url = serve_load.start(model, "compile", n)
+        rows: dict[str, list[dict]] = {spec[0]: [] for spec in LOADS}
+        server, url = serve_load.start(model, "compile", n, "torch")
         try:
             for r in range(repeats):
-                log(
-                    f"server round {r + 1}/{repeats}, {n} worker(s) ({'wrk' if use_wrk else 'Python clients'})"
-                )
-                for key, path, _, images, concurrency in LOADS:
+                log(f"server round {r + 1}/{repeats}, {n} worker(s) ({serve_load.load_generator()})")
+                for spec in LOADS:
                     # the last load's requests finish first: a worker still busy with one would
                     # leave every new connection to the other (keep-alive: for the whole load)
                     time.sleep(1)
-                    if use_wrk:
-                        burst = serve_load.wrk_burst(url + path, *bodies[key], concurrency, seconds, images)
-                    else:
-                        request = (files[key], images)
-                        burst = serve_load.burst(url + path, lambda i, r=request: r, concurrency, seconds)
-                    rows[key].append(burst)
+                    rows[spec[0]].append(serve_load.load(url, spec, seconds))
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            serve_load.stop(server)
         by_workers[str(n)] = {
             key: {
                 figure: spread([x[figure] for x in runs])
@@ -255,17 +251,14 @@ def server_runs(model: Path, repeats: int, seconds: float, workers: tuple[int, .
         try:
             serve_load.wait_ready(f"http://127.0.0.1:{port}", timeout=60, proc=stack)
             for _ in range(repeats):
-                burst = serve_load.wrk_burst(
-                    f"http://127.0.0.1:{port}/predict", *bodies["predict_c8"], 8, seconds, 1
-                )
+                burst = serve_load.load(f"http://127.0.0.1:{port}", serve_load.PREDICT_C8, seconds)
                 empty.append(burst["requests_per_s"])
         finally:
-            stack.terminate()
-            stack.wait(timeout=30)
+            serve_load.stop(stack)
     # the bare model at its best: a fresh process, one thread per core (the server gives it one)
     bare = {"batch_1": [], "batch_64": []}
     for _ in range(repeats):
-        rates, path = serve_load.bare_fresh(model, "compile", seconds / 2)
+        rates, path = serve_load.bare_fresh(model, "compile", seconds / 2, "torch")
         for key, rate in rates.items():
             bare[key].append(rate)
     return {
@@ -307,12 +300,6 @@ def dvc_noop(workdir: Path, repeats: int) -> dict:
 
 
 # Report ------------------------------------------------------------------------------------
-
-
-def fmt(s: dict, digits: int = 0, scale: float = 1.0) -> str:
-    return (
-        f"{s['median'] * scale:,.{digits}f} ({s['min'] * scale:,.{digits}f}-{s['max'] * scale:,.{digits}f})"
-    )
 
 
 def report(r: dict) -> str:
@@ -432,7 +419,7 @@ def report(r: dict) -> str:
         ),
         *(
             server_row(
-                f"/predict, concurrency 8, {n} worker{'s' * (n != '1')}: requests/s",
+                f"`--runtime torch`, /predict, concurrency 8, {n} worker{'s' * (n != '1')}: requests/s",
                 result["predict_c8"],
                 "requests_per_s",
                 "batch_1",
@@ -454,7 +441,7 @@ def report(r: dict) -> str:
         ),
         *(
             server_row(
-                f"/predict/batch, 64 images, concurrency {c}, {n} worker{'s' * (n != '1')}: images/s",
+                f"`--runtime torch`, /predict/batch, 64 images, concurrency {c}, {n} worker{'s' * (n != '1')}: images/s",
                 result[f"predict_batch_64_c{c}"],
                 "images_per_s",
                 "batch_64",
@@ -495,25 +482,32 @@ def report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_model() -> str:
-    """The CPU's name (from /proc/cpuinfo on Linux): timings differ a lot between kinds."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--inference-child":
-        return inference_child(*sys.argv[2:5])
+        return inference_child(*sys.argv[2:6])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench")
-    ap.add_argument("--server-seconds", type=float, default=5.0)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each figure (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench", help="where results.md and .json go")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=1.5,
+        help="timed seconds per inference measurement (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--server-seconds",
+        type=float,
+        default=5.0,
+        help="seconds per server load, whole with wrk (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--only",
+        choices=("targets", "peers"),
+        help="targets: the earlier issue's figures (1-5) alone; peers: peers.py's alone (default: both)",
+    )
+    peers.add_arguments(ap, http_parts.PARTS)
     args = ap.parse_args()
+    peer_options = peers.options(args, ap, http_parts.PARTS)
     started = time.perf_counter()
     results: dict = {
         "date": time.strftime("%Y-%m-%d"),
@@ -529,24 +523,43 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fetch, prep = P.load("fetch", ROOT / "params.yaml"), P.load("prepare", ROOT / "params.yaml")
-        log("data: the default synthetic set")
-        (tmp / "raw").mkdir()
-        write_archives(tmp / "raw", fetch.archives, fetch.synthetic)
-        prepare(tmp / "raw", tmp / "prepared", tmp / "data.json", fetch.archives, prep)
+        prepared = synthetic_prepared(tmp)
+        if args.only != "peers":
+            targets(results, prepared, tmp, args)
+        if args.only != "targets":
+            log("peers: what we serve against every peer (peers.py)")
+            peer_options["prepared"] = peer_options["prepared"] or prepared
+            results["peers"] = peers.run(tmp / "peers", **peer_options)
+            if not args.prepared:
+                results["peers"]["data"] = "synthetic (params.yaml fetch.synthetic)"
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = "# Benchmarks\n\n`python bench/run_all.py` (see its docstring for what each figure is).\n\n"
+    if "training" in results:
+        text += report(results)
+    if "peers" in results:
+        text += "\n## What we serve against its peers\n\n`bench/peers.py`, in the same run.\n\n"
+        text += peers.report(results["peers"])
+    (args.out / "results.md").write_text(text)
+    print(text)
+    log(f"done in {results['seconds']:.0f} s: {args.out / 'results.md'}, {args.out / 'results.json'}")
 
-        results["training"] = training_runs(tmp / "prepared", tmp / "train", args.repeats)
-        ckpts = results["training"].pop("checkpoints")
-        results["default_arch"] = P.load("train", ROOT / "params.yaml").arch
-        cases = {
-            "traffic_sign_net, learning path": (ckpts["seed"], "learning path"),
-            "traffic_sign_net, eager + allocator": (ckpts["seed"], "eager"),
-            "traffic_sign_net, ours": (ckpts["seed"], "compile"),
-            "default, ours": (ckpts["ours"], "compile"),
-        }
-        results["inference"] = inference_runs(cases, tmp / "prepared" / "test.npz", args.repeats)
-        results["server"] = server_runs(Path(ckpts["ours"]), args.repeats, args.server_seconds)
-        results["dvc"] = dvc_noop(tmp, args.repeats)
+
+def targets(results: dict, prepared: Path, tmp: Path, args: argparse.Namespace) -> None:
+    """The earlier issue's figures (1-5 of the docstring), into ``results``."""
+    results["training"] = training_runs(prepared, tmp / "train", args.repeats)
+    ckpts = results["training"].pop("checkpoints")
+    results["default_arch"] = P.load("train", ROOT / "params.yaml").arch
+    cases = {
+        "traffic_sign_net, learning path": (ckpts["seed"], "learning path"),
+        "traffic_sign_net, eager + allocator": (ckpts["seed"], "eager"),
+        "traffic_sign_net, ours": (ckpts["seed"], "compile"),
+        "default, ours": (ckpts["ours"], "compile"),
+    }
+    results["inference"] = inference_runs(cases, prepared / "test.npz", args.repeats, args.seconds)
+    results["server"] = server_runs(Path(ckpts["ours"]), args.repeats, args.server_seconds)
+    results["dvc"] = dvc_noop(tmp, args.repeats)
     log("prepare decoding")  # in its own process: spawned workers re-import the main module
     out = subprocess.run(
         [
@@ -565,15 +578,6 @@ def main() -> None:
         "images": rates["images"],
         "images_per_s": {"1 worker": spread(rates["1"]), "2 workers": spread(rates["2"])},
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = report(results)
-    (args.out / "results.md").write_text(
-        "# Benchmarks\n\n`python bench/run_all.py` (see its docstring for what each figure is).\n\n" + table
-    )
-    print(table)
-    log(f"done in {results['seconds']:.0f} s: {args.out / 'results.md'}, {args.out / 'results.json'}")
 
 
 if __name__ == "__main__":
