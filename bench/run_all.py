@@ -4,8 +4,9 @@
     python bench/run_all.py --repeats 1 --seconds 0.2 --server-seconds 1 --epochs 1 --out /tmp/smoke
 
 Writes ``results.json`` (every run's numbers) and ``results.md`` (the tables in README.md):
-medians of ``--repeats`` runs with their min-max spread. About 30 minutes on 2 cores (13 for
-1-5, 17 for 6); the second line is a smoke run of every code path (numbers meaning nothing).
+medians of ``--repeats`` runs with their min-max spread. About 40 minutes on 2 quiet cores
+(1-5 ~20, most of it training the 20-epoch default recipe 3 times with 2 threads and with 1;
+6 ~20); the second line is a smoke run of every code path (its numbers mean nothing).
 
 1. Inference at batch 64 and 1: the learning path's eager code (a fresh process, NCHW, the
    model as trained, nothing tuned: how its test script runs) against the path `gtsrb evaluate`
