@@ -1,24 +1,18 @@
-"""Two changes to the ONNX export that ONNX Runtime's CPU kernels would reward, measured
-(a probe for whoever owns export.py; the export itself is unchanged):
-
-- ``crop``: feed the network only the input rows and columns its output depends on
-  (``models.used_input_side``), as our torch path already does: traffic_sign_net reads 30 of 32.
-- ``pad``: zero-pad every convolution's channels to a multiple of 16, ONNX Runtime's NCHWc
-  block on AVX-512 (8 on AVX2): MicronNet's 29, 59 and 74 channels make its convolutions fall
-  back from the NCHWc kernels to im2col + GEMM. Zero filters, zero batch-norm scale and shift,
-  zero weights where the padded channels enter the next layer: the logits stay the same.
+"""What export.for_onnx gains: the ONNX export of each architecture as the network is, against
+the form the export stage writes (only the input rows and columns the output depends on:
+traffic_sign_net reads 30 of 32; convolution channels zero-padded to a multiple of 16, since
+MicronNet's 29, 59 and 74 made ONNX Runtime fall back from its NCHWc kernels to im2col + GEMM).
 
     python bench/onnx_export_probe.py [--archs micronnet,traffic_sign_net] [--seconds 1]
 
 For each architecture (untrained, seeded: speed does not depend on the weights) and variant:
-the largest logit difference from the export as is, and the median time of one call at
+the largest logit difference from the plain export, and the median time of one call at
 batch 1 and 64 with one thread (CPU time, robust on a busy machine) and one per core (wall).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -30,56 +24,6 @@ import torch
 from torch import nn
 
 from gtsrb import export, models, onnx_model
-
-BLOCK = 16
-
-
-def crop(net: nn.Module, side: int) -> nn.Module:
-    used = models.used_input_side(net, side)
-
-    class Cropped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x[..., :used, :used])
-
-    return Cropped().eval()
-
-
-def pad(net: nn.Module, side: int) -> nn.Module:
-    """``net`` (a ``features`` Sequential of conv-bn-relu blocks and pools, then a classifier
-    starting with Flatten and a Linear) with every conv's channels padded to BLOCK."""
-    net = copy.deepcopy(net).eval()
-    features = getattr(net, "features", None)
-    if features is None:
-        return net
-    channels = 3
-    for block in features:
-        if not (isinstance(block, nn.Sequential) and isinstance(block[0], nn.Conv2d)):
-            continue
-        conv, bn = block[0], block[1]
-        out = -(-conv.out_channels // BLOCK) * BLOCK if conv.out_channels > 3 else conv.out_channels
-        wide = nn.Conv2d(channels, out, conv.kernel_size, conv.stride, conv.padding, bias=False)
-        wide.weight.data.zero_()
-        wide.weight.data[: conv.out_channels, : conv.in_channels] = conv.weight.data
-        norm = nn.BatchNorm2d(out, eps=bn.eps).eval()
-        for name, fill in (("weight", 0.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
-            getattr(norm, name).data.fill_(fill)
-            getattr(norm, name).data[: conv.out_channels] = getattr(bn, name).data
-        block[0], block[1], channels = wide, norm, out
-    with torch.no_grad():
-        shape = features(torch.zeros(1, 3, side, side)).shape  # [1, channels, h, w]
-    linear = next(m for m in net.classifier if isinstance(m, nn.Linear))
-    real = linear.in_features // (shape[2] * shape[3])
-    weight = torch.zeros(linear.out_features, shape[1], shape[2], shape[3])
-    weight[:, :real] = linear.weight.data.view(linear.out_features, real, shape[2], shape[3])
-    wide = nn.Linear(weight[0].numel(), linear.out_features)
-    wide.weight.data, wide.bias.data = weight.view(linear.out_features, -1), linear.bias.data.clone()
-    index = next(i for i, m in enumerate(net.classifier) if m is linear)
-    net.classifier[index] = wide
-    return net
 
 
 def timed(call, seconds: float, clock) -> float:
@@ -125,8 +69,7 @@ def main() -> None:
                 if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
                     m.running_mean.uniform_(-0.5, 0.5)
                     m.running_var.uniform_(0.5, 2.0)
-            variants = {"as exported": net, "crop": crop(net, 32), "pad": pad(net, 32)}
-            variants["crop + pad"] = crop(pad(net, 32), 32)
+            variants = {"plain": net, "for_onnx (the stage's)": export.for_onnx(net, 32)}
             reference = None
             for name, variant in variants.items():
                 path = Path(tmp) / f"{arch}-{name}.onnx"

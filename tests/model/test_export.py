@@ -141,3 +141,26 @@ def test_session_options_say_what_runs():
     options = onnx_model.session_options(threads=1, optimization="basic")
     assert options.intra_op_num_threads == 1
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+def test_the_form_onnx_runtime_runs_fastest_has_the_same_logits(arch):
+    """for_onnx: only the input the output depends on, conv channels padded to 16 (zeros)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = models.build(arch).eval()
+    for m in net.modules():  # batch-norm statistics as a trained model's, not the identity
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fast = export_stage.for_onnx(net, 32)
+    x = torch.randn(9, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels <= 3 or c.out_channels % 16 == 0 for c in convs)
+    if arch == "micronnet":  # 29, 59, 74 -> 32, 64, 80
+        assert [c.out_channels for c in convs][1:] == [32, 64, 80]
+    side = fast.side if isinstance(fast, export_stage._Cropped) else 32
+    assert side == models.used_input_side(net, 32)  # 30 for traffic_sign_net
