@@ -104,8 +104,9 @@ def cmd_card(args: argparse.Namespace) -> None:
 def cmd_get_model(args: argparse.Namespace) -> None:
     from gtsrb import registry
 
-    version = registry.get_model(args.repo, args.out, args.version, args.stage)
-    log.info("%s %s -> %s", registry.ARTIFACT, version, args.out)
+    out = args.out or ("model.onnx" if args.format == "onnx" else "model.pt")
+    version = registry.get_model(args.repo, out, args.version, args.stage, onnx=args.format == "onnx")
+    log.info("%s %s (%s) -> %s", registry.ARTIFACT, version, args.format, out)
 
 
 def positive_int(text: str) -> int:
@@ -225,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--version", help="e.g. v1.0.0 (default: the latest)")
     which.add_argument("--stage", help="e.g. prod")
-    p.add_argument("-o", "--out", default="model.pt", help="(default: %(default)s)")
+    p.add_argument(
+        "--format",
+        choices=("pt", "onnx"),
+        default="pt",
+        help="the checkpoint, or its ONNX export (what the server runs) (default: %(default)s)",
+    )
+    p.add_argument("-o", "--out", help="(default: model.pt or model.onnx)")
 
     p = sub.add_parser("ci-report", help="CI: the PR comment (metrics/params diff, backends, curves)")
     p.set_defaults(func=cmd_ci_report)

@@ -72,8 +72,11 @@ def stages(tags: dict[str, str]) -> dict[str, str]:
     return {stage: version for stage, (_, version) in latest.items()}
 
 
-def get_model(url: str, out: str | Path, version: str | None = None, stage: str | None = None) -> str:
-    """Download the model of ``version`` (or of the one in ``stage``) with `dvc artifacts get`."""
+def get_model(
+    url: str, out: str | Path, version: str | None = None, stage: str | None = None, onnx: bool = False
+) -> str:
+    """Download the checkpoint of ``version`` (or of the one in ``stage``) with `dvc artifacts get`;
+    ``onnx``: its ONNX export instead, the file the same release tag's dvc.lock recorded."""
     tags = remote_tags(url)
     known = versions(tags)
     if stage is not None:
@@ -93,6 +96,8 @@ def get_model(url: str, out: str | Path, version: str | None = None, stage: str 
             f"{ARTIFACT} has no version {version} at {url} (known versions: {', '.join(known) or 'none'})"
         )
     cmd = ["dvc", "artifacts", "get", url, ARTIFACT, "--rev", version, "-o", str(out), "--force"]
+    if onnx:  # one release tag versions both files: no second registration needed for this
+        cmd = ["dvc", "get", url, ONNX_PATH, "--rev", f"{ARTIFACT}@{version}", "-o", str(out), "--force"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise GtsrbError(f"`{' '.join(cmd)}` failed: {(proc.stderr or proc.stdout).strip()}")

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from gtsrb import onnx_model
 from gtsrb.fsutil import md5sum
 from tests.conftest import BIN, S3Server, TcpProxy, run, tree_digest, use_remote, write_params
 
@@ -83,20 +84,22 @@ def test_split_jobs_restore_upstream_stages_instead_of_rerunning(remote_repo, tm
 
 
 def register(repo, version, stage=None):
-    run([str(BIN / "gto"), "register", "traffic-sign-net", "HEAD", "--version", version], repo)
+    for artifact in ("traffic-sign-net", "traffic-sign-net-onnx"):  # a release versions both files
+        run([str(BIN / "gto"), "register", artifact, "HEAD", "--version", version], repo)
     if stage:
         run([str(BIN / "gto"), "assign", "traffic-sign-net", "--version", version, "--stage", stage], repo)
 
 
 def test_any_model_version_on_demand(remote_repo, tmp_path, params, monkeypatch, capsys):
-    models = {}
+    models, exports = {}, {}
     for version, seed in (("v1.0.0", 0), ("v2.0.0", 1)):
         write_params(remote_repo / "params.yaml", tiny(params, seed=seed))
-        run(["dvc", "repro", "train"], remote_repo)
+        run(["dvc", "repro", "export"], remote_repo)
         commit_run(remote_repo, f"train seed {seed}")
         run(["dvc", "push"], remote_repo)
         register(remote_repo, version, stage="prod" if version == "v1.0.0" else None)
         models[version] = (remote_repo / "models/model.pt").read_bytes()
+        exports[version] = (remote_repo / "models/model.onnx").read_bytes()
     assert models["v1.0.0"] != models["v2.0.0"]
     out = tmp_path / "out"
     out.mkdir()
@@ -106,6 +109,8 @@ def test_any_model_version_on_demand(remote_repo, tmp_path, params, monkeypatch,
     run(["dvc", "get", url, "models/model.pt", "--rev", "traffic-sign-net@v2.0.0", "-o", "v2.pt"], out)
     assert (out / "v1.pt").read_bytes() == models["v1.0.0"] == (out / "prod.pt").read_bytes()
     assert (out / "v2.pt").read_bytes() == models["v2.0.0"]
+    run(["dvc", "artifacts", "get", url, "traffic-sign-net-onnx", "--rev", "v1.0.0", "-o", "v1.onnx"], out)
+    assert (out / "v1.onnx").read_bytes() == exports["v1.0.0"]
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", url, str(clone)], tmp_path)
     run(["git", "checkout", "-q", "traffic-sign-net@v1.0.0"], clone)
@@ -118,6 +123,9 @@ def test_any_model_version_on_demand(remote_repo, tmp_path, params, monkeypatch,
     monkeypatch.chdir(out)
     assert main(["get-model", url, "-o", "latest.pt"]) == 0
     assert (out / "latest.pt").read_bytes() == models["v2.0.0"]
+    assert main(["get-model", url, "--stage", "prod", "--format", "onnx"]) == 0  # -> model.onnx
+    assert (out / "model.onnx").read_bytes() == exports["v1.0.0"]
+    assert onnx_model.read(out / "model.onnx").checkpoint()["checkpoint_md5"] == md5sum(out / "v1.pt")
     assert main(["get-model", url, "--version", "v9.9.9"]) == 1
     assert "has no version v9.9.9 at " in capsys.readouterr().err
     assert main(["get-model", url, "--stage", "staging"]) == 1
