@@ -54,7 +54,8 @@ CONTRAST_BUCKETS = (4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 128)
 # The statistics are taken for many images at once: a pass's images and probabilities are kept
 # (a list append), and taken together once FLUSH_IMAGES wait, every FLUSH_SECONDS, and before
 # /metrics answers. Taken per pass, their ~40 numpy calls cost /predict at concurrency 8
-# (micro-batches of 1-3 images) 12-25% more CPU per request in an A/B run; at once, ~3 us an image.
+# (micro-batches of 1-3 images) 12-25% more CPU per request (a short A/B run, busy machine);
+# at once, ~4 us a /predict request (bench/monitoring_cost.py: ~2% of the server's CPU).
 FLUSH_IMAGES, FLUSH_SECONDS = 64, 0.5
 
 # Several workers (prometheus_client's multiprocess mode, workers.serve): counters and
