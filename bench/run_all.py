@@ -62,6 +62,7 @@ import http_parts  # noqa: E402
 import peers  # noqa: E402
 import serve_load  # noqa: E402
 from common import ROOT, fmt, log, spread, synthetic_prepared  # noqa: E402
+from recipes import seed_recipe  # noqa: E402
 
 PROBE_EVERY = 10  # steps between test-accuracy probes of our recipe (~0.2 s of training)
 SECTIONS = ("training", "inference", "server", "dvc", "prepare", "peers")
@@ -134,22 +135,6 @@ def inference_runs(cases: dict[str, tuple[Path, str]], test_path: Path, repeats:
 
 
 # 3. Training -------------------------------------------------------------------------------
-
-
-def seed_recipe(ours: P.TrainParams) -> P.TrainParams:
-    """The learning path's recipe: traffic_sign_net, batch 1, 2 epochs, Adam 1e-3, nothing else."""
-    return dataclasses.replace(
-        ours,
-        arch="traffic_sign_net",
-        epochs=2,
-        batch_size=1,
-        optimizer="adam",
-        lr=1e-3,
-        schedule="constant",
-        weight_decay=0.0,
-        dropout=0.0,
-        augment=0.0,
-    )
 
 
 def training_runs(prepared: Path, out: Path, repeats: int) -> dict:

@@ -57,6 +57,20 @@ def params() -> dict:
     return project_params()
 
 
+class LocalHTTPServer:
+    """A real HTTP server on 127.0.0.1 (a free port) running ``handler`` in a thread until
+    ``close()``: the base of the test doubles that stand in for a mirror or for GitHub."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], path: str = ""):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class ArchiveServer:
     """A real HTTP server on 127.0.0.1 serving a folder, with injectable faults.
 
@@ -96,17 +110,16 @@ class ArchiveServer:
                     self.path = "/" + name  # the archives sit under any base path
                     super().do_GET()
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/gtsrb/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.handler = Handler
+        self.server: LocalHTTPServer | None = None
 
     def __enter__(self) -> ArchiveServer:
-        self.thread.start()
+        self.server = LocalHTTPServer(self.handler, "/gtsrb/")
+        self.url = self.server.url
         return self
 
     def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import json
 import os
 import re
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from gtsrb import ci, error_report
-from tests.conftest import ROOT, run, use_remote, write_params
+from tests.conftest import ROOT, LocalHTTPServer, run, use_remote, write_params
 from tests.pipeline.test_remote import tiny
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -77,13 +76,11 @@ class FakeGitHubComments:
                 comment["body"] = self._body()["body"]
                 self._json(200, comment)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = LocalHTTPServer(Handler)
+        self.url = self.server.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 @pytest.fixture

@@ -12,15 +12,14 @@ import base64
 import json
 import os
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import yaml
 
 from gtsrb.fsutil import md5sum
-from tests.conftest import ROOT, run, use_remote, write_params
+from tests.conftest import ROOT, LocalHTTPServer, run, use_remote, write_params
 from tests.pipeline.test_remote import tiny
 from tests.pipeline.test_sweep import cached_stages
 
@@ -112,13 +111,11 @@ class HeaderRecorder:
 
             do_POST = do_GET
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = LocalHTTPServer(Handler)
+        self.url = self.server.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 @pytest.fixture
