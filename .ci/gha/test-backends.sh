@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On the runner itself: run test-openblas in the OpenBLAS image, then test-acl and compare in the
-# oneDNN+ACL image, one after the other on this machine (so compare measures backends, not
-# machines), then build the PR report and post it.
+# On the runner itself: run test-openblas in the OpenBLAS image, then test-acl, export,
+# test-onnxruntime and compare in the oneDNN+ACL image, one after the other on this machine (so
+# compare measures runtimes, not machines), then build the PR report and post it.
 #   OPENBLAS_IMAGE, ACL_IMAGE  backend images;  DVC_PULL, DVC_PUSH  see stage.sh
 #   GITHUB_TOKEN, PR_NUMBER, BASE_REF  for the report (no token: job summary only)
 set -euo pipefail
@@ -20,5 +20,7 @@ in_image() { # IMAGE SCRIPT [ARGS...]: run a repo script in a backend container 
 
 in_image "${OPENBLAS_IMAGE:?}" .ci/gha/stage.sh test-openblas
 in_image "${ACL_IMAGE:?}" .ci/gha/stage.sh test-acl
+# ONNX Runtime in the ACL image too (pip adds it beside the image's torch): export, then its test
+in_image "$ACL_IMAGE" .ci/gha/stage.sh test-onnxruntime
 in_image "$ACL_IMAGE" .ci/gha/stage.sh compare
 in_image "$ACL_IMAGE" .ci/gha/report.sh
