@@ -221,8 +221,9 @@ def test_commit_back_pushes_lock_and_metrics_to_the_pr_branch(dvc_repo, tmp_path
 
 
 def test_split_jobs_give_the_same_dvc_lock_as_one_repro(dvc_repo, s3, params, tmp_path):
-    """train job (push outputs and run-cache) -> test job (both backends, compare) in a fresh
-    clone, against one plain `dvc repro`: the same stages, the same data, model and deps."""
+    """train job (push outputs and run-cache) -> test job (the three runtimes in
+    test-backends.sh's order, compare) in a fresh clone, against one plain `dvc repro`: the same
+    stages, the same data, model and deps."""
     use_remote(dvc_repo, s3)
     write_params(dvc_repo / "params.yaml", tiny(params))
     shutil.copytree(ROOT / ".ci", dvc_repo / ".ci", dirs_exist_ok=True)
@@ -236,7 +237,7 @@ def test_split_jobs_give_the_same_dvc_lock_as_one_repro(dvc_repo, s3, params, tm
     shutil.copytree(jobs["train"] / "metrics", jobs["test"] / "metrics", dirs_exist_ok=True)
     logs = [
         run(["bash", ".ci/gha/stage.sh", stage], jobs["test"], env=env).stdout
-        for stage in ("test-openblas", "test-acl", "compare")
+        for stage in ("test-openblas", "test-acl", "test-onnxruntime", "compare")
     ]
     assert "Running stage 'train'" not in "".join(logs) and "Running stage 'prepare'" not in "".join(logs)
     run(["dvc", "repro"], jobs["single"])
@@ -245,11 +246,20 @@ def test_split_jobs_give_the_same_dvc_lock_as_one_repro(dvc_repo, s3, params, tm
     assert (
         split.keys()
         == single.keys()
-        == {"fetch-gtsrb", "prepare", "train", "test-openblas", "test-acl", "compare"}
+        == {
+            "fetch-gtsrb",
+            "prepare",
+            "train",
+            "export",
+            "test-openblas",
+            "test-acl",
+            "test-onnxruntime",
+            "compare",
+        }
     )
-    for stage in ("fetch-gtsrb", "prepare", "train"):
+    for stage in ("fetch-gtsrb", "prepare", "train", "export"):
         assert split[stage] == single[stage], stage  # deterministic: identical, outputs included
-    for stage in ("test-openblas", "test-acl"):  # timings differ; inputs must not
+    for stage in ("test-openblas", "test-acl", "test-onnxruntime"):  # timings differ; inputs must not
         assert split[stage]["deps"] == single[stage]["deps"]
         assert split[stage]["params"] == single[stage]["params"]
     assert [d["path"] for d in split["compare"]["deps"]] == [d["path"] for d in single["compare"]["deps"]]
