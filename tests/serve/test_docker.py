@@ -110,9 +110,14 @@ def git_revision() -> str:
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
-def build_image(ctx: Path, tag: str, build_args: dict[str, str], log: Path) -> None:
-    """`docker build` of ``ctx`` as ``tag``, its output in ``log``; fails with the log's end."""
+def build_image(
+    ctx: Path, tag: str, build_args: dict[str, str], log: Path, platform: str | None = None
+) -> None:
+    """`docker build` of ``ctx`` as ``tag`` (for ``platform``, default the host's), its output
+    in ``log``; fails with the log's end."""
     args = [arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")]
+    if platform:
+        args += ["--platform", platform]
     with log.open("w") as out:
         proc = subprocess.run(
             [DOCKER, "build", "--progress=plain", *args, "-t", tag, str(ctx)],
