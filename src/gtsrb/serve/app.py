@@ -44,7 +44,8 @@ class FastJSON(JSONResponse):
     """Starlette's JSONResponse (compact UTF-8 JSON, the same values) written by orjson: 10x
     faster for a batch's results, where ``json`` took 5% of a request (with one sort per batch
     for the results: /predict/batch c8 38% -> 44% of the bare model). Only the spelling of
-    some small numbers differs (0.000015 for 1.5e-05)."""
+    some small numbers differs (0.000015 for 1.5e-05). On ONNX Runtime (bench/http_parts.py,
+    2026-12-01, 2 workers, c8): /predict +16.9%, /predict/batch -4.6% (rounds of -8% to 0%)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -156,7 +157,9 @@ def create_app(predictor: Predictor, workers: int = 1):
     # One model thread: forward passes run on the event loop (up to INLINE_BATCH). A thread
     # frees nothing there, the GIL changing hands costs more (measured with 64 small PNGs per
     # request: +7% images/s with 2 workers, +17% with 1), and a worker busy with a batch leaves
-    # new connections to an idle one. With more threads, their pool runs the model (else the
+    # new connections to an idle one. On ONNX Runtime (bench/http_parts.py, 2026-12-01, 2
+    # workers, c8), passes on the loop: /predict +20.2%, /predict/batch -0.1%; small images
+    # decoded on the loop: /predict +33.0%, /predict/batch -3.7% (rounds of -16% to 0%). With more threads, their pool runs the model (else the
     # pool and the event loop would fight for the cores).
     inline = INLINE_BATCH if predictor.runtime["threads"] == 1 else 0
     # Monitoring sees each forward pass's images and probabilities (once per micro-batch)

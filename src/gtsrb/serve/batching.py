@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 # Turns of the event loop the batcher waits for more requests to join a call, while they come
-# (measured: /predict's groups grew from ~3.4 to 8 images, +26% requests/s)
+# (measured: /predict's groups grew from ~3.4 to 8 images, +26% requests/s; on ONNX Runtime,
+# bench/http_parts.py 2026-12-01: /predict +7.8%, /predict/batch -4.0%, within its noise).
+# Micro-batching itself, on ONNX Runtime: /predict +48.1%, /predict/batch +2.6%.
 GATHER_TURNS = 8
 # With one model thread, forward passes of up to this many images (~5 ms) run on the event loop
 INLINE_BATCH = 64

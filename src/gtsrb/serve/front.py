@@ -30,7 +30,10 @@ class Reconnects:
 
     Measured with wrk and 2 workers: /predict/batch loads at concurrency 8 that started with all
     8 connections on one worker (5 trials in 6 of a test) reach 11,300 images/s instead of
-    ~5,300, and at concurrency 2 stay at ~11,000 where they halved in 3 runs out of 3."""
+    ~5,300, and at concurrency 2 stay at ~11,000 where they halved in 3 runs out of 3. On ONNX
+    Runtime (bench/http_parts.py, 2026-12-01) the A/B's medians show no gain (/predict +3.6%,
+    /predict/batch -5.1%): its gain is in the rounds whose connections landed on one worker
+    (+31% and +44% in the one such round of three), which a median hides. Kept for those."""
 
     def __init__(self, seconds: float = RECONNECT_SECONDS, budget: int = 8):
         self.seconds, self.budget = seconds, budget
@@ -60,7 +63,8 @@ class Reconnects:
 
 class BodyLimit:
     """ASGI middleware: a request body larger than ``limit`` bytes gets 413 before it is parsed.
-    Kept for that answer (with or without a Content-Length), not for speed: no gain measured."""
+    Kept for that answer (with or without a Content-Length), not for speed: no gain measured
+    (on ONNX Runtime, bench/http_parts.py 2026-12-01: +4.7% and -1.6%, within the noise)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -129,7 +133,8 @@ class UploadRoutes:
     Measured: /predict +8-19% with 2 workers (A/B, wrk c8); an app that takes the same upload
     and does nothing, 8,825 -> 13,914 requests/s (bench/empty_app.py). Before, as Starlette
     routes of the FastAPI app (no dependency solving): /predict +13%, 1,917 -> 2,179 requests/s
-    with one worker."""
+    with one worker. On ONNX Runtime (bench/http_parts.py, 2026-12-01, 2 workers, c8): /predict
+    +17.5%, /predict/batch +0.9%."""
 
     def __init__(self, app, endpoints: dict[str, Any]):
         self.app, self.endpoints = app, endpoints

@@ -124,7 +124,8 @@ _PART_HEADER = re.compile(
 # temp files were much of the ~2 ms of event-loop time a /predict request took before (measured
 # together with the batcher and plain JSONResponses). The single scan: a 64-image body (457 KB)
 # split in 200 us instead of 290 (/predict/batch 51% -> 53% of the bare model, together with
-# the predictions counter once per class and ``tobytes`` in prepare).
+# the predictions counter once per class and ``tobytes`` in prepare). On ONNX Runtime
+# (bench/http_parts.py, 2026-12-01, 2 workers, c8): /predict +32.5%, /predict/batch +22.3%.
 def split_form(body: bytes, content_type: bytes, max_parts: int) -> list[tuple[str, str, bytes]] | None:
     """A multipart/form-data body -> [(field, filename, bytes)] for the plain form that browsers,
     curl and httpx send: every part a file with a name, a filename and at most a content type.
@@ -170,6 +171,8 @@ def _text(raw: bytes) -> str:
 # Hand-written instead of FastAPI's query parameters: its dependency solving for these five was
 # ~30% of the request path without the model and decoding. No parsing without a query string:
 # /predict +4% with 2 workers (A/B, wrk c8), together with the results indexing rows as lists.
+# On ONNX Runtime (bench/http_parts.py, 2026-12-01): /predict +18.9%; /predict/batch -7.6%,
+# where a query lookup is a few us of a ~9 ms request: the rounds' noise, not a cost.
 def query_ints(request: Request, *specs: dict) -> Any:
     """The integer query parameters of ``specs`` (see TOP_K): a value each (one spec) or a list;
     a missing one is its default (or None), a bad one a 422 that names it."""
