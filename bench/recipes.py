@@ -47,6 +47,7 @@ def seed_recipe(ours: P.TrainParams) -> P.TrainParams:
         schedule="constant",
         weight_decay=0.0,
         dropout=0.0,
+        label_smoothing=0.0,
         augment=0.0,
         framing=0.0,
     )

@@ -79,6 +79,7 @@ class TrainParams:
     warmup: float = _range(0, 0.9)
     weight_decay: float = _range(0)
     dropout: float = _range(0, 0.9)
+    label_smoothing: float = _range(0, 0.5)
     augment: float = _range(0, 1)
     framing: float = _range(0, 1)
     seed: int = _range(0)

@@ -216,7 +216,7 @@ def train(
                     xb = models.standardize(xb, mean, std)
                     xb = xb.contiguous(memory_format=layout)
                     logits = model(xb)
-                    loss = F.cross_entropy(logits, y[idx])
+                    loss = F.cross_entropy(logits, y[idx], label_smoothing=p.label_smoothing)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

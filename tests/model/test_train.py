@@ -166,6 +166,7 @@ def test_training_with_framing_reads_the_whole_images(tmp_path):
         ("train.lr", -0.1, "train.lr: must be > 0, got -0.1"),
         ("train.framing", 1.5, "train.framing: must be <= 1, got 1.5"),
         ("train.framing", "loose", "train.framing: expected a number, got 'loose'"),
+        ("train.label_smoothing", 0.6, "train.label_smoothing: must be <= 0.5, got 0.6"),
         (
             "train.arch",
             "resnet",
