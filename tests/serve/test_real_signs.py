@@ -3,9 +3,10 @@
 tests/fixtures/real/ holds the first test image of each of the 43 classes from the real GTSRB
 images (public domain; 35 x 35 px as their publisher downsampled them) with their ROI and label,
 and model.onnx, the default recipe (before label smoothing) trained on the real development set
-(its README says how it was made, and why it is not the current recipe's). The server must give a sign the same class whichever way it is framed: a model trained
-on ROI crops alone gave a different, mostly wrong, class for one whole image in nine (about 5 of
-these 43); that recipe's errors on whole images are ~2.5% (about 1 of 43).
+(its README says how it was made, and why it is not the current recipe's). The server must give
+a sign the same class whichever way it is framed: a model trained on ROI crops alone gave a
+different, mostly wrong, class for one whole image in nine (about 5 of these 43); that recipe's
+errors on whole images are ~2.5% (about 1 of 43).
 """
 
 import csv
