@@ -18,6 +18,7 @@ import yaml
 
 from gtsrb import ci, error_report
 from tests.conftest import ROOT, LocalHTTPServer, run, use_remote, write_params
+from tests.pipeline.test_full_pipeline import STAGES
 from tests.pipeline.test_remote import tiny
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -243,20 +244,7 @@ def test_split_jobs_give_the_same_dvc_lock_as_one_repro(dvc_repo, s3, params, tm
     run(["dvc", "repro"], jobs["single"])
     split = yaml.safe_load((jobs["test"] / "dvc.lock").read_text())["stages"]
     single = yaml.safe_load((jobs["single"] / "dvc.lock").read_text())["stages"]
-    assert (
-        split.keys()
-        == single.keys()
-        == {
-            "fetch-gtsrb",
-            "prepare",
-            "train",
-            "export",
-            "test-openblas",
-            "test-acl",
-            "test-onnxruntime",
-            "compare",
-        }
-    )
+    assert split.keys() == single.keys() == STAGES
     for stage in ("fetch-gtsrb", "prepare", "train", "export"):
         assert split[stage] == single[stage], stage  # deterministic: identical, outputs included
     for stage in ("test-openblas", "test-acl", "test-onnxruntime"):  # timings differ; inputs must not
