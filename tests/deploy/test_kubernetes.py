@@ -405,9 +405,23 @@ class Pod:
             volumes = {v["name"]: v for v in spec.get("volumes", [])}
             for mount in c.get("volumeMounts", []):
                 empty_dir = volumes[mount["name"]].get("emptyDir")
-                if empty_dir is not None:
-                    size = int(quantity(empty_dir.get("sizeLimit", "64Mi")))
-                    lines.append(f"mount -t tmpfs -o mode=1777,size={size} tmpfs {q(mount['mountPath'])}")
+                if empty_dir is None:
+                    continue
+                # What the server needs and the emptyDir would hide (the repo under /tmp, say):
+                # held open across the mount, then bound back read-only from the open folder
+                # (--no-canonicalize: else mount resolves the fd's link to the hidden path).
+                at = Path(mount["mountPath"])
+                hidden = sorted(p for p in needed if p == at or at in p.parents)
+                lines += [f"exec {20 + i}<{q(str(p))}" for i, p in enumerate(hidden)]
+                size = int(quantity(empty_dir.get("sizeLimit", "64Mi")))
+                lines.append(f"mount -t tmpfs -o mode=1777,size={size} tmpfs {q(str(at))}")
+                for i, path in enumerate(hidden):
+                    lines += [
+                        f"mkdir -p {q(str(path))}",
+                        f"mount --no-canonicalize --bind /proc/self/fd/{20 + i} {q(str(path))}",
+                        f"mount -o remount,bind,ro {q(str(path))}",
+                        f"exec {20 + i}<&-",
+                    ]
         setpriv = [
             "setpriv",
             f"--reuid={ctx['runAsUser']}",
