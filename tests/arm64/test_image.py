@@ -51,8 +51,7 @@ def arm64_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         reason = f"the arm64 base image {ARM64_BASE} does not exist"
     if reason:
         unavailable(f"{reason}: run `bash .ci/provision-docker && bash .ci/provision-arm64`")
-    ctx = make_context(tmp_path_factory.mktemp("arm64-context"))
-    (ctx / "models" / "model.onnx").write_bytes((REAL / "model.onnx").read_bytes())
+    ctx = make_context(tmp_path_factory.mktemp("arm64-context"), onnx=REAL / "model.onnx")
     tag = f"gtsrb-serve-arm64-test:{uuid.uuid4().hex[:12]}"
     build_args = {
         "BASE": ARM64_BASE,

@@ -90,14 +90,18 @@ def torch_wheel(dest: Path) -> Path:
     return wheels[0]
 
 
-def make_context(ctx: Path, arch: str = "traffic_sign_net") -> Path:
+def make_context(ctx: Path, arch: str = "traffic_sign_net", onnx: Path | None = None) -> Path:
     """A build context in ``ctx`` with what the image needs: the project files, and in models/
-    a fresh checkpoint of ``arch`` (model.pt) and its export (model.onnx)."""
+    a fresh checkpoint of ``arch`` (model.pt) and its export (model.onnx), or a copy of ``onnx``."""
     ctx.mkdir(parents=True, exist_ok=True)
     for name in CONTEXT_FILES:
         shutil.copy(ROOT / name, ctx / name)
     shutil.copytree(ROOT / "src", ctx / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    make_onnx(ctx / "models" / "model.onnx", arch=arch)
+    if onnx:
+        (ctx / "models").mkdir()
+        shutil.copy(onnx, ctx / "models" / "model.onnx")
+    else:
+        make_onnx(ctx / "models" / "model.onnx", arch=arch)
     return ctx
 
 
