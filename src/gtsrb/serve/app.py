@@ -159,8 +159,9 @@ def create_app(predictor: Predictor, workers: int = 1):
     # request: +7% images/s with 2 workers, +17% with 1), and a worker busy with a batch leaves
     # new connections to an idle one. On ONNX Runtime (bench/http_parts.py, 2026-12-01, 2
     # workers, c8), passes on the loop: /predict +20.2%, /predict/batch -0.1%; small images
-    # decoded on the loop: /predict +33.0%, /predict/batch -3.7% (rounds of -16% to 0%). With more threads, their pool runs the model (else the
-    # pool and the event loop would fight for the cores).
+    # decoded on the loop: /predict +33.0%, /predict/batch -3.7% (rounds of -16% to 0%). With
+    # more threads, their pool runs the model (else the pool and the event loop would fight for
+    # the cores).
     inline = INLINE_BATCH if predictor.runtime["threads"] == 1 else 0
     # Monitoring sees each forward pass's images and probabilities (once per micro-batch)
     model = monitor.wrap(predictor.probabilities) if monitor else predictor.probabilities
