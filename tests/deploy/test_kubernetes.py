@@ -386,18 +386,8 @@ class Pod:
         for path in needed:
             if (folder := blocked_folder(path)) is not None:
                 by_folder.setdefault(folder, []).append(path)
-        for n, (folder, paths) in enumerate(by_folder.items()):
-            for i, path in enumerate(paths):
-                stage = self.work / f"stage-{n}-{i}"
-                stage.mkdir()
-                lines.append(f"mount --bind {q(str(path))} {q(str(stage))}")
-            lines.append(f"mount -t tmpfs -o mode=755 tmpfs {q(str(folder))}")
-            for i, path in enumerate(paths):
-                lines += [
-                    f"mkdir -p {q(str(path))}",
-                    f"mount --move {q(str(self.work / f'stage-{n}-{i}'))} {q(str(path))}",
-                    f"mount -o remount,bind,ro {q(str(path))}",
-                ]
+        for folder, paths in by_folder.items():
+            lines += tmpfs_keeping(folder, "mode=755", paths)
         # the model, read-only, where the pod's user can read it (the image has it in /app)
         lines += [f"mount --bind {q(str(self.model.parent))} /srv", "mount -o remount,bind,ro /srv"]
         lines += ["mount -o remount,bind,ro /", "cd /srv"]  # readOnlyRootFilesystem; the WORKDIR
@@ -407,21 +397,11 @@ class Pod:
                 empty_dir = volumes[mount["name"]].get("emptyDir")
                 if empty_dir is None:
                     continue
-                # What the server needs and the emptyDir would hide (the repo under /tmp, say):
-                # held open across the mount, then bound back read-only from the open folder
-                # (--no-canonicalize: else mount resolves the fd's link to the hidden path).
+                # what the server needs and the emptyDir would hide (a checkout under /tmp, say)
                 at = Path(mount["mountPath"])
-                hidden = sorted(p for p in needed if p == at or at in p.parents)
-                lines += [f"exec {20 + i}<{q(str(p))}" for i, p in enumerate(hidden)]
+                hidden = [p for p in needed if p == at or at in p.parents]
                 size = int(quantity(empty_dir.get("sizeLimit", "64Mi")))
-                lines.append(f"mount -t tmpfs -o mode=1777,size={size} tmpfs {q(str(at))}")
-                for i, path in enumerate(hidden):
-                    lines += [
-                        f"mkdir -p {q(str(path))}",
-                        f"mount --no-canonicalize --bind /proc/self/fd/{20 + i} {q(str(path))}",
-                        f"mount -o remount,bind,ro {q(str(path))}",
-                        f"exec {20 + i}<&-",
-                    ]
+                lines += tmpfs_keeping(at, f"mode=1777,size={size}", hidden)
         setpriv = [
             "setpriv",
             f"--reuid={ctx['runAsUser']}",
@@ -473,6 +453,24 @@ class Pod:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+def tmpfs_keeping(folder: Path, options: str, keep: list[Path]) -> list[str]:
+    """Shell lines: a tmpfs at ``folder`` (mount ``options``), with the paths of ``keep`` under
+    it still there, read-only. Each is held open across the mount, then bound back from the open
+    folder (--no-canonicalize: else mount resolves the fd's link to the now hidden path)."""
+    q = shlex.quote
+    keep = sorted(keep)  # a folder before what lies inside it
+    lines = [f"exec {20 + i}<{q(str(path))}" for i, path in enumerate(keep)]
+    lines.append(f"mount -t tmpfs -o {options} tmpfs {q(str(folder))}")
+    for i, path in enumerate(keep):
+        lines += [
+            f"mkdir -p {q(str(path))}",
+            f"mount --no-canonicalize --bind /proc/self/fd/{20 + i} {q(str(path))}",
+            f"mount -o remount,bind,ro {q(str(path))}",
+            f"exec {20 + i}<&-",
+        ]
+    return lines
 
 
 def pod_missing() -> str | None:
