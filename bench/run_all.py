@@ -282,7 +282,8 @@ def dvc_noop(workdir: Path, repeats: int) -> dict:
         out = sh("dvc", "repro")
         times.append(time.perf_counter() - start)
         assert "Running stage" not in out, out
-    return {"seconds": spread(times), "stages": 6}
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return {"seconds": spread(times), "stages": len(stages)}
 
 
 # Report ------------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ def report(r: dict) -> str:
         ),
         (
             "5",
-            "`dvc repro` with nothing changed (6 stages): s",
+            f"`dvc repro` with nothing changed ({r['dvc']['stages']} stages): s",
             fmt(r["dvc"]["seconds"], 2),
             "",
             "",
