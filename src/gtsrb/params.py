@@ -70,7 +70,7 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    arch: Literal["fast_sign_net", "micronnet", "traffic_sign_net"]
+    arch: Literal["fast_sign_net", "micronnet", "stn_sign_net", "traffic_sign_net"]
     epochs: int = _range(1)
     batch_size: int = _range(1)
     optimizer: Literal["adam", "adamw", "sgd"]

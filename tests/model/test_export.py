@@ -158,8 +158,9 @@ def test_the_form_onnx_runtime_runs_fastest_has_the_same_logits(arch):
     x = torch.randn(9, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(fast(x), net(x), atol=1e-5)
-    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
-    assert all(c.out_channels <= 3 or c.out_channels % 16 == 0 for c in convs)
+    zoom = set(fast.zoom.modules()) if arch == "stn_sign_net" else set()  # its 8 channels at 16 px: kept
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d) and m not in zoom]
+    assert convs and all(c.out_channels <= 3 or c.out_channels % 16 == 0 for c in convs)
     if arch == "micronnet":  # 29, 59, 74 -> 32, 64, 80
         assert [c.out_channels for c in convs][1:] == [32, 64, 80]
     side = fast.side if isinstance(fast, export_stage._Cropped) else 32

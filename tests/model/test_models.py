@@ -49,7 +49,8 @@ def test_padded_convolutions_use_the_whole_input():
 
 def test_unknown_arch():
     with pytest.raises(
-        GtsrbError, match=r"unknown arch 'resnet' \(known: fast_sign_net, micronnet, traffic_sign_net\)"
+        GtsrbError,
+        match=r"unknown arch 'resnet' \(known: fast_sign_net, micronnet, stn_sign_net, traffic_sign_net\)",
     ):
         models.build("resnet")
 
@@ -124,3 +125,25 @@ def test_multiply_adds_of_each_arch():
     assert models.macs(models.build("traffic_sign_net")) == by_hand == 4_193_024
     default = P.load("train", ROOT / "params.yaml").arch
     assert models.macs(models.build(default)) <= by_hand
+
+
+def test_the_zoom_resamples_as_grid_sample_does():
+    """stn_sign_net's zoom: two matrix products with bilinear weights, the same image as
+    F.grid_sample (edges repeated) at any zoom and shift, and the identity before training."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    zoom = models.Zoom(32)
+    x = torch.randn(16, 3, 32, 32)
+    p = (torch.rand(16, 3) * 2 - 1) * 0.5
+    p[0] = torch.tensor([-0.5, 0.5, -0.5])  # the extremes: 2x in, half the image off to a corner
+    theta = torch.zeros(16, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 + p[:, 0]
+    theta[:, :, 2] = p[:, 1:]
+    grid = F.affine_grid(theta, [16, 3, 32, 32], align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    w = zoom.weights(1 + p[:, :1], p[:, 1:])
+    assert torch.allclose(w[:, 1:2] @ x @ w[:, :1].transpose(2, 3), expected, atol=1e-4)
+    with torch.no_grad():
+        assert torch.equal(zoom.eval()(x), x)  # untrained: no zoom, no shift, the image as it is
+    assert models.macs(models.build("stn_sign_net")) == 3_179_616  # within the baseline's 4.2 M

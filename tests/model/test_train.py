@@ -90,7 +90,7 @@ def test_curves_and_headline_metrics_are_logged(tmp_path):
         rows = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
         assert rows[0].split("\t") == ["step", name.rsplit("/", 1)[1]] and len(rows) == 4
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert ckpt["params"]["epochs"] == 3 and ckpt["arch"] == "fast_sign_net" and len(ckpt["mean"]) == 3
+    assert ckpt["params"]["epochs"] == 3 and ckpt["arch"] == "stn_sign_net" and len(ckpt["mean"]) == 3
     headline = json.loads((tmp_path / "train.json").read_text())
     accuracy = {"roi": out["val/accuracy/roi"], "whole": out["val/accuracy/whole"]}
     assert headline == {"val": {"loss": out["val/loss"], "accuracy": accuracy}}
@@ -170,7 +170,7 @@ def test_training_with_framing_reads_the_whole_images(tmp_path):
         (
             "train.arch",
             "resnet",
-            "train.arch: must be one of fast_sign_net, micronnet, traffic_sign_net; got 'resnet'",
+            "train.arch: must be one of fast_sign_net, micronnet, stn_sign_net, traffic_sign_net; got 'resnet'",
         ),
     ],
 )
@@ -182,7 +182,7 @@ def test_out_of_range_params(tmp_path, params, key, value, message):
 
 def test_batch_norm_needs_two_images_per_batch(tmp_path):
     write_prepared(tmp_path / "prepared")
-    with pytest.raises(ParamsError, match=r"train\.batch_size: fast_sign_net has batch norm"):
+    with pytest.raises(ParamsError, match=r"train\.batch_size: stn_sign_net has batch norm"):
         train(tmp_path / "prepared", tmp_path / "m.pt", tmp_path / "live", train_params(batch_size=1))
 
 
@@ -202,7 +202,7 @@ def test_interrupted_training_keeps_the_previous_model(tmp_path, params, sig):
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     for line in proc.stderr:  # wait until training is under way
-        if "training fast_sign_net" in line:
+        if "training stn_sign_net" in line:
             break
     time.sleep(1.0)
     proc.send_signal(sig)
