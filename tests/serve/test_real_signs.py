@@ -1,12 +1,15 @@
 """Real GTSRB test images as users send them: whole, or cropped to the sign (``x1..y2``).
 
-tests/fixtures/real/ holds the first test image of each of the 43 classes from the real GTSRB
-images (public domain; 35 x 35 px as their publisher downsampled them) with their ROI and label,
-and model.onnx, the default recipe (before label smoothing) trained on the real development set
-(its README says how it was made, and why it is not the current recipe's). The server must give
-a sign the same class whichever way it is framed: a model trained on ROI crops alone gave a
-different, mostly wrong, class for one whole image in nine (about 5 of these 43); that recipe's
-errors on whole images are ~2.5% (about 1 of 43).
+tests/fixtures/real/ holds the first four test images of each of the 43 classes from the real
+GTSRB images (public domain; 35 x 35 px as their publisher downsampled them) with their ROI and
+label, and model.onnx, the default recipe trained on the real development set (its README says
+how it was made). The server must give a sign the same class whichever way it is framed.
+
+The bounds come from that model's rates on all 2,667 real test images: its two framings
+disagree on 1.5% of them, it is wrong on 0.9% with the ROI and 1.4% whole: about 2.5, 1.5 and
+2.4 of these 172. Each bound is passed less than once in a thousand draws at those rates
+(Poisson), and a model trained on ROI crops alone (framings disagreeing on one whole image in
+nine, ~19 of 172) fails the first.
 """
 
 import csv
@@ -46,11 +49,11 @@ def test_a_sign_gets_the_same_class_whole_or_cropped(real_server):
         (int(row["ClassId"]), classify(real_server, row, False), classify(real_server, row, True))
         for row in ROWS
     ]
-    assert len(answers) == 43 and {label for label, _, _ in answers} == set(range(43))
+    assert len(answers) == 4 * 43 and {label for label, _, _ in answers} == set(range(43))
     differ = [(label, whole, roi) for label, whole, roi in answers if whole != roi]
-    assert len(differ) <= 1, f"(label, whole, ROI) framed differently: {differ}"
-    right = {
-        "whole": sum(label == whole for label, whole, _ in answers),
-        "roi": sum(label == roi for label, _, roi in answers),
+    assert len(differ) <= 9, f"(label, whole, ROI) framed differently: {differ}"
+    wrong = {
+        "whole": sum(label != whole for label, whole, _ in answers),
+        "roi": sum(label != roi for label, _, roi in answers),
     }
-    assert right["roi"] >= 42 and right["whole"] >= 41, f"real signs right of 43: {right}"
+    assert wrong["roi"] <= 7 and wrong["whole"] <= 9, f"real signs wrong of 172: {wrong}"
