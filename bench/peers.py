@@ -49,7 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, fmt, log, spread, synthetic_prepared
 
-ARCHS = ("fast_sign_net", "micronnet", "traffic_sign_net")
+ARCHS = ("fast_sign_net", "micronnet", "stn_sign_net", "traffic_sign_net")
 EAGER, TORCH, ORT_DEFAULT, ORT_SERVED, INT8 = (
     "eager",
     "our torch path",
