@@ -50,7 +50,7 @@ def main() -> None:
     import onnxruntime as ort
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--archs", default="micronnet,traffic_sign_net,fast_sign_net")
+    ap.add_argument("--archs", default="micronnet,traffic_sign_net,fast_sign_net,stn_sign_net")
     ap.add_argument("--seconds", type=float, default=1.0)
     args = ap.parse_args()
     rng = np.random.default_rng(0)

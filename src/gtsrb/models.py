@@ -146,10 +146,11 @@ class Zoom(nn.Module):
 
     With no rotation the resampling is separable: two small matrix products per image (rows,
     then columns) whose weights are the bilinear ones, the same values as ``F.grid_sample``'s
-    (``padding_mode="border"``, ``align_corners=False``; a test checks). Measured with ONNX
-    Runtime, one thread, batch 64 (bench/onnx_export_probe.py and its profiler): written with
-    ``F.grid_sample``, GridSample took 3.5 ms of the model's 8.1; as products, the zoom takes
-    0.9 of 4.4. Locating costs 0.14 MMAC and the resampling 0.2 per 32 px image.
+    (``padding_mode="border"``, ``align_corners=False``; a test checks). ONNX Runtime, one
+    thread, batch 64: the whole model 8.1 ms with ``F.grid_sample``, 4.3-4.9 ms as products
+    (bench/onnx_export_probe.py); by ONNX Runtime's profiler (``enable_profiling``),
+    GridSample took 3.5 of the 8.1 ms and the zoom as products takes 0.9. Locating costs
+    0.14 MMAC and the resampling 0.2 per 32 px image.
     """
 
     def __init__(self, image_size: int = 32, channels: tuple[int, int] = (8, 16), hidden: int = 32):
