@@ -72,7 +72,7 @@ def untrained_export(folder: Path) -> Path:
     torch.save(ckpt, checkpoint)
     model, ckpt = models.load_checkpoint(checkpoint)
     path = folder / "model.onnx"
-    path.write_bytes(export.to_onnx(model, ckpt["image_size"], 17))
+    path.write_bytes(export.served_onnx(model, ckpt["image_size"], 17))
     onnx_model.stamp(path, onnx_model.metadata(ckpt, md5sum(checkpoint), 17))
     return path
 

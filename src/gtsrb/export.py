@@ -118,6 +118,11 @@ def to_onnx(model: torch.nn.Module, image_size: int, opset: int) -> bytes:
     return buffer.getvalue()
 
 
+def served_onnx(model: torch.nn.Module, image_size: int, opset: int) -> bytes:
+    """The ONNX bytes the stage writes for ``model`` (before its metadata): ``for_onnx``'s form."""
+    return to_onnx(for_onnx(model, image_size), image_size, opset)
+
+
 def parity(onnx: onnx_model.OnnxModel, model: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict:
     """Per framing, the indices of the test images whose ONNX Runtime class differs from eager's."""
     differ = {}
@@ -142,7 +147,7 @@ def export(model_path: str | Path, test_path: str | Path, out_path: str | Path, 
             f"{test_path} holds {test['images'].shape[1]} px images but {model_path} was trained on "
             f"{ckpt['image_size']} px: run `dvc repro` to bring them in line"
         )
-    data = to_onnx(for_onnx(model, ckpt["image_size"]), ckpt["image_size"], p.opset)
+    data = served_onnx(model, ckpt["image_size"], p.opset)
     with atomic_file(out_path) as tmp:
         tmp.write_bytes(data)
         onnx_model.stamp(tmp, onnx_model.metadata(ckpt, md5sum(model_path), p.opset))

@@ -41,7 +41,7 @@ def make_onnx(path: Path, checkpoint: Path | None = None, **kwargs) -> Path:
     it), as the export stage writes it (parity is the export stage's own test)."""
     checkpoint = checkpoint or make_checkpoint(path.with_suffix(".pt"), **kwargs)
     model, ckpt = models.load_checkpoint(checkpoint)
-    path.write_bytes(export.to_onnx(model, ckpt["image_size"], 17))
+    path.write_bytes(export.served_onnx(model, ckpt["image_size"], 17))
     onnx_model.stamp(path, onnx_model.metadata(ckpt, md5sum(checkpoint), 17))
     return path
 
