@@ -490,7 +490,8 @@ def main() -> None:
     ap.add_argument(
         "--only",
         choices=("targets", "peers"),
-        help="targets: the earlier issue's figures (1-5) alone; peers: peers.py's alone (default: both)",
+        help="targets: the earlier issue's figures (1-5) alone; peers: peers.py's alone, the other "
+        "section kept from --out's results.json if there is one (default: both)",
     )
     peers.add_arguments(ap, http_parts.PARTS)
     args = ap.parse_args()
@@ -520,13 +521,21 @@ def main() -> None:
             if not args.prepared:
                 results["peers"]["data"] = "synthetic (params.yaml fetch.synthetic)"
     results["seconds"] = round(time.perf_counter() - started, 1)
+    kept = args.out / "results.json"
+    if args.only and kept.is_file():  # the section not measured now stays as it was
+        old = json.loads(kept.read_text())
+        if args.only == "peers":
+            results = {**old, "peers": results["peers"]}
+        elif "peers" in old:
+            results["peers"] = old["peers"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = "# Benchmarks\n\n`python bench/run_all.py` (see its docstring for what each figure is).\n\n"
     if "training" in results:
         text += report(results)
     if "peers" in results:
-        text += "\n## What we serve against its peers\n\n`bench/peers.py`, in the same run.\n\n"
+        when = results["peers"].get("date", results.get("date"))
+        text += f"\n## What we serve against its peers\n\n`bench/peers.py`, measured {when}.\n\n"
         text += peers.report(results["peers"])
     (args.out / "results.md").write_text(text)
     print(text)
